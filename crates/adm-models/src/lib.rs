@@ -1,0 +1,12 @@
+//! Backbones behind one [`Backbone`] trait (prediction + feature taps + schedule),
+//! discriminator heads, and weight handling.
+
+pub mod backbone;
+pub mod heads;
+pub mod toy_mlp;
+pub mod weights;
+
+pub use backbone::{guided_prediction, guided_x0_eps, predict_x0_eps, Backbone, Condition, FeatureTap};
+pub use heads::{FeatureExtractor, HeadSet, LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp, VectorHead};
+pub use toy_mlp::{ToyMlp, ToyMlpConfig};
+pub use weights::{copy_weights, frozen_var_builder, save_safetensors_atomic, varmap_tensors};

@@ -1,0 +1,22 @@
+//! Differentiable building blocks that candle 0.11.1 lacks or gets wrong, each checked
+//! against finite differences, and the gradient-check harness that checks them.
+
+pub mod attention;
+pub mod conv3d;
+pub mod gradcheck;
+pub mod init;
+pub mod ops;
+pub mod rope;
+pub mod upsample;
+
+#[cfg(test)]
+mod test_util;
+
+pub use gradcheck::{assert_every_var_has_grad, check_gradients, GradCheck, GradReport};
+pub use init::{derive_seed, randn, SeededVarMap};
+pub use attention::scaled_dot_product_attention;
+pub use conv3d::{conv3d, conv3d_forward, conv3d_no_bias, Conv3d, Conv3dConfig, TemporalPadding};
+pub use ops::layers::{layer_norm, rms_norm};
+pub use ops::{log_softmax, softmax, LayerNorm, RmsNorm};
+pub use rope::{apply_rotary_emb, rope_cos_sin, RopeLayout};
+pub use upsample::{upsample_nearest2d, upsample_nearest3d};

@@ -1,0 +1,133 @@
+//! The student generator G_theta: a copy of the teacher's network that maps points on the
+//! straight line between data and noise to x0, in one step or a few.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use adm_diffusion::Schedule;
+use adm_models::{copy_weights, Backbone, Condition};
+use adm_nn::SeededVarMap;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarMap;
+use rand::rngs::StdRng;
+
+use crate::config::StudentOutput;
+
+/// A trainable network with its Vars, initialised from given weights.
+pub struct Trainable<M> {
+    pub net: Arc<M>,
+    pub vars: SeededVarMap,
+}
+
+impl<M> Trainable<M> {
+    /// Builds `M` with `build`, then overwrites every Var with `init` (the teacher's or a
+    /// pre-trained student's weights).
+    pub fn from_weights(
+        seed: u64,
+        device: &Device,
+        init: &HashMap<String, Tensor>,
+        build: impl FnOnce(candle_nn::VarBuilder<'static>) -> Result<M>,
+    ) -> Result<Self> {
+        let vars = SeededVarMap::new(seed);
+        let net = build(vars.var_builder(DType::F32, device))?;
+        copy_weights(init, vars.varmap())?;
+        Ok(Self {
+            net: Arc::new(net),
+            vars,
+        })
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        self.vars.varmap()
+    }
+}
+
+/// A student generator: the network plus how its output is read and its step list.
+pub struct Student<M> {
+    pub model: Trainable<M>,
+    pub output: StudentOutput,
+    /// Line times s of the sampling steps, descending from 1 (pure noise).
+    pub steps: Vec<f64>,
+}
+
+/// `s` as a (B,) tensor.
+fn per_sample(values: &[f64], device: &Device) -> Result<Tensor> {
+    Tensor::from_vec(values.iter().map(|&v| v as f32).collect::<Vec<_>>(), values.len(), device)
+}
+
+/// Broadcasts a (B,) tensor over the trailing dims of `like`.
+pub fn expand_like(per_sample: &Tensor, like: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![like.dim(0)?];
+    shape.resize(like.rank(), 1);
+    per_sample.reshape(shape)?.broadcast_as(like.shape())
+}
+
+/// The straight-line point x_s = (1 - s) x0 + s noise, per-sample s.
+pub fn line_point(x0: &Tensor, noise: &Tensor, s: &[f64]) -> Result<Tensor> {
+    let s = expand_like(&per_sample(s, x0.device())?, x0)?;
+    (x0 * (1.0 - &s)?)? + (noise * s)?
+}
+
+impl<M: Backbone> Student<M> {
+    fn schedule(&self) -> &Schedule {
+        self.model.net.schedule()
+    }
+
+    /// x0 predicted from line points `x_line` at line times `s` (per sample).
+    pub fn x0_from_line(&self, x_line: &Tensor, s: &[f64], cond: &Condition) -> Result<Tensor> {
+        let device = x_line.device();
+        let schedule = self.schedule();
+        match self.output {
+            StudentOutput::Velocity => {
+                let t: Vec<f64> = s.iter().map(|&s| s * schedule.t_max()).collect();
+                let v = self.model.net.forward(x_line, &per_sample(&t, device)?, cond)?;
+                x_line - (v * expand_like(&per_sample(s, device)?, x_line)?)?
+            }
+            StudentOutput::Native => {
+                // The schedule sample with the same signal-to-noise ratio as the line point:
+                // alpha/sigma = (1 - s)/s, and x_t = x_line * sigma / s = x_line * alpha / (1 - s).
+                let mut t = Vec::with_capacity(s.len());
+                let mut scale = Vec::with_capacity(s.len());
+                for &s in s {
+                    let ts = schedule.timestep_for_alpha_over_sigma((1.0 - s) / s);
+                    let (alpha, sigma) = schedule.alpha_sigma_f64(ts);
+                    t.push(ts);
+                    scale.push(if s >= 0.5 { sigma / s } else { alpha / (1.0 - s) });
+                }
+                let t = per_sample(&t, device)?;
+                let x_t = (x_line * expand_like(&per_sample(&scale, device)?, x_line)?)?;
+                let prediction = self.model.net.forward(&x_t, &t, cond)?;
+                Ok(schedule.to_x0_eps(&prediction, &x_t, &t)?.0)
+            }
+        }
+    }
+
+    fn x0_at_step(&self, x_line: &Tensor, step: usize, cond: &Condition) -> Result<Tensor> {
+        self.x0_from_line(x_line, &vec![self.steps[step]; x_line.dim(0)?], cond)
+    }
+
+    /// Runs steps `0..=last` from `noise`; between steps the x0 estimate is re-noised to the
+    /// next line time with fresh noise (DMD2's multi-step sampler). Steps before `last` run
+    /// without gradient.
+    fn run_to(&self, noise: &Tensor, cond: &Condition, last: usize, rng: &mut StdRng) -> Result<Tensor> {
+        let mut x = noise.clone();
+        for step in 0..last {
+            let x0 = self.x0_at_step(&x, step, cond)?.detach();
+            let fresh = adm_nn::randn(rng, x0.shape(), x0.device())?;
+            x = line_point(&x0, &fresh, &vec![self.steps[step + 1]; x0.dim(0)?])?;
+        }
+        self.x0_at_step(&x, last, cond)
+    }
+
+    /// A detached sample through all steps.
+    pub fn sample(&self, noise: &Tensor, cond: &Condition, rng: &mut StdRng) -> Result<Tensor> {
+        Ok(self.run_to(noise, cond, self.steps.len() - 1, rng)?.detach())
+    }
+
+    /// A training output with gradient: one step chosen uniformly, reached by running the
+    /// student without gradient from noise ("backward simulation", DMD2).
+    pub fn training_output(&self, noise: &Tensor, cond: &Condition, rng: &mut StdRng) -> Result<Tensor> {
+        let last = rand::Rng::random_range(rng, 0..self.steps.len());
+        self.run_to(noise, cond, last, rng)
+    }
+}
