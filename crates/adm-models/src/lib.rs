@@ -4,6 +4,7 @@
 pub mod backbone;
 pub mod heads;
 pub mod toy_mlp;
+pub mod unet_2d;
 pub mod weights;
 
 pub use backbone::{guided_prediction, guided_x0_eps, predict_x0_eps, Backbone, Condition, FeatureTap};

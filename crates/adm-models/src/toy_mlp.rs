@@ -43,7 +43,7 @@ impl ToyMlpConfig {
                 candle_core::bail!("model.{field} must be positive");
             }
         }
-        if self.time_embed_dim < 2 || self.time_embed_dim % 2 != 0 {
+        if self.time_embed_dim < 2 || !self.time_embed_dim.is_multiple_of(2) {
             candle_core::bail!(
                 "model.time_embed_dim must be an even number >= 2, got {}",
                 self.time_embed_dim

@@ -126,60 +126,107 @@ pub fn mse_pretrain(ctx: &ToyContext, teacher: &Teacher, pairs: &StoreReader) ->
     })
 }
 
-/// ADP: hybrid adversarial pre-training on ODE pairs (paper Sec. 3.3). The latent
+/// ADP's networks: the student and the hybrid discriminators (paper Sec. 3.3). The latent
 /// discriminator D_tau1 is the teacher with heads, on re-noised real and fake x0; the
-/// "pixel" discriminator D_tau2 reads clean samples through an independent frozen network.
+/// "pixel" discriminator D_tau2 reads clean samples through an independent frozen network
+/// (on images: SAM on VAE-decoded samples; on the toy, decoding is the identity).
+struct AdpNetworks {
+    student: Student<ToyMlp>,
+    heads: adm_nn::SeededVarMap,
+    latent: LatentDiscriminator,
+    pixel: PixelDiscriminator,
+}
+
+/// One ADP batch: pairs, generator output and the shared re-noising.
+struct AdpBatch {
+    x0: Tensor,
+    fake_x0: Tensor,
+    cond: Condition,
+    t: Tensor,
+    eps: Tensor,
+}
+
+impl AdpNetworks {
+    fn new(ctx: &ToyContext, teacher: &Teacher) -> Result<Self> {
+        let cfg = &ctx.config.adp;
+        // Drawing the random pixel backbone in a seeded map, then reading it back frozen,
+        // keeps it out of every optimiser and every gradient.
+        let pixel_vars = fresh_vars(ctx, "adp-pixel-backbone");
+        let build_pixel = |vb| RandomFeatureMlp::new(ctx.model.in_channels, cfg.pixel_width, cfg.pixel_depth, vb);
+        build_pixel(pixel_vars.var_builder(DType::F32, &ctx.device))?;
+        let pixel_backbone = build_pixel(frozen_var_builder(pixel_vars.varmap(), DType::F32, &ctx.device)?)?;
+        let heads = fresh_vars(ctx, "adp-heads");
+        let heads_vb = heads.var_builder(DType::F32, &ctx.device);
+        Ok(Self {
+            student: new_student(ctx, "adp-generator", &teacher.weights, vec![1.0])?,
+            latent: LatentDiscriminator::new(teacher.net.clone(), &cfg.taps, cfg.head_hidden, heads_vb.pp("latent"))?,
+            pixel: PixelDiscriminator::new(Arc::new(pixel_backbone), cfg.head_hidden, heads_vb.pp("pixel"))?,
+            heads,
+        })
+    }
+
+    fn batch(&self, ctx: &ToyContext, feed: &mut PairFeed, rng: &mut StdRng) -> Result<AdpBatch> {
+        let cfg = &ctx.config.adp;
+        let n = ctx.config.student.batch_size;
+        let (noise, x0, cond) = feed.next(ctx, n)?;
+        let s = line_times(&cfg.generator_timesteps, n, rng);
+        let fake_x0 = self.student.x0_from_line(&line_point(&x0, &noise, &s)?, &s, &cond)?;
+        // Real and fake are re-noised with the same fresh noise at the same times.
+        let t = schedule_times(ctx, &cfg.discriminator_timesteps, n, rng)?;
+        let eps = ctx.noise(n, rng)?;
+        Ok(AdpBatch {
+            x0,
+            fake_x0,
+            cond,
+            t,
+            eps,
+        })
+    }
+
+    /// -(l1 D1(x~_t, t) + l2 D2(x~_0)).
+    fn generator_loss(&self, ctx: &ToyContext, b: &AdpBatch) -> Result<Tensor> {
+        let cfg = &ctx.config.adp;
+        let fake_t = ctx.schedule.add_noise(&b.fake_x0, &b.eps, &b.t)?;
+        Ok(losses::adp_generator(
+            &self.latent.logits(&fake_t, &b.t, &b.cond)?,
+            &self.pixel.logits(&b.fake_x0)?,
+            cfg.lambda_latent,
+            cfg.lambda_pixel,
+        )?)
+    }
+
+    /// Weighted hinge losses of both discriminators on detached fakes.
+    fn discriminator_loss(&self, ctx: &ToyContext, b: &AdpBatch) -> Result<Tensor> {
+        let cfg = &ctx.config.adp;
+        let fake_x0 = b.fake_x0.detach();
+        let fake_t = ctx.schedule.add_noise(&fake_x0, &b.eps, &b.t)?;
+        let real_t = ctx.schedule.add_noise(&b.x0, &b.eps, &b.t)?;
+        Ok(losses::adp_discriminator(
+            &self.latent.logits(&real_t, &b.t, &b.cond)?,
+            &self.latent.logits(&fake_t, &b.t, &b.cond)?,
+            &self.pixel.logits(&b.x0)?,
+            &self.pixel.logits(&fake_x0)?,
+            cfg.lambda_latent,
+            cfg.lambda_pixel,
+        )?)
+    }
+}
+
+/// ADP: hybrid adversarial pre-training on ODE pairs; generator update, then discriminators.
 pub fn adp(ctx: &ToyContext, teacher: &Teacher, pairs: &StoreReader) -> Result<StageOutcome> {
     let cfg = &ctx.config.adp;
-    let batch = ctx.config.student.batch_size;
     let clip = ctx.config.student.grad_clip;
     let mut rng = ctx.rng("adp");
-    let student = new_student(ctx, "adp-generator", &teacher.weights, vec![1.0])?;
-
-    let pixel_vars = fresh_vars(ctx, "adp-pixel-backbone");
-    let pixel_vb = pixel_vars.var_builder(DType::F32, &ctx.device);
-    RandomFeatureMlp::new(ctx.model.in_channels, cfg.pixel_width, cfg.pixel_depth, pixel_vb)?;
-    let pixel_backbone = RandomFeatureMlp::new(
-        ctx.model.in_channels,
-        cfg.pixel_width,
-        cfg.pixel_depth,
-        frozen_var_builder(pixel_vars.varmap(), DType::F32, &ctx.device)?,
-    )?;
-    let heads = fresh_vars(ctx, "adp-heads");
-    let heads_vb = heads.var_builder(DType::F32, &ctx.device);
-    let latent = LatentDiscriminator::new(teacher.net.clone(), &cfg.taps, cfg.head_hidden, heads_vb.pp("latent"))?;
-    let pixel = PixelDiscriminator::new(Arc::new(pixel_backbone), cfg.head_hidden, heads_vb.pp("pixel"))?;
-
-    let mut opt_g = Optimizer::new("generator", student.model.varmap(), cfg.lr_generator, clip)?;
-    let mut opt_d = Optimizer::new("discriminator", heads.varmap(), cfg.lr_discriminator, clip)?;
+    let nets = AdpNetworks::new(ctx, teacher)?;
+    let mut opt_g = Optimizer::new("generator", nets.student.model.varmap(), cfg.lr_generator, clip)?;
+    let mut opt_d = Optimizer::new("discriminator", nets.heads.varmap(), cfg.lr_discriminator, clip)?;
     let mut feed = PairFeed::new(pairs, adm_nn::derive_seed(ctx.config.seed, "adp-pairs"));
     let mut log = StageLog::create(ctx, "adp")?;
     let bar = progress("adp", cfg.steps);
-    let (l1, l2) = (cfg.lambda_latent, cfg.lambda_pixel);
     for step in 0..cfg.steps {
-        let (noise, x0, cond) = feed.next(ctx, batch)?;
-        let s = line_times(&cfg.generator_timesteps, batch, &mut rng);
-        let fake_x0 = student.x0_from_line(&line_point(&x0, &noise, &s)?, &s, &cond)?;
-        // Real and fake are re-noised with the same fresh noise at uniform times.
-        let t = schedule_times(ctx, &cfg.discriminator_timesteps, batch, &mut rng)?;
-        let eps = ctx.noise(batch, &mut rng)?;
-
-        let fake_t = ctx.schedule.add_noise(&fake_x0, &eps, &t)?;
-        let g_loss = losses::adp_generator(&latent.logits(&fake_t, &t, &cond)?, &pixel.logits(&fake_x0)?, l1, l2)?;
-        let g = opt_g.step(&g_loss)?;
-
-        let fake_x0 = fake_x0.detach();
-        let fake_t = ctx.schedule.add_noise(&fake_x0, &eps, &t)?;
-        let real_t = ctx.schedule.add_noise(&x0, &eps, &t)?;
-        let d_loss = losses::adp_discriminator(
-            &latent.logits(&real_t, &t, &cond)?,
-            &latent.logits(&fake_t, &t, &cond)?,
-            &pixel.logits(&x0)?,
-            &pixel.logits(&fake_x0)?,
-            l1,
-            l2,
-        )?;
-        let d = opt_d.step(&d_loss)?;
+        let batch = nets.batch(ctx, &mut feed, &mut rng)?;
+        let g = opt_g.step(&nets.generator_loss(ctx, &batch)?)?;
+        let d = opt_d.step(&nets.discriminator_loss(ctx, &batch)?)?;
         if step % 50 == 0 {
             log.record(step, &[("loss_g", g.loss), ("loss_d", d.loss), ("grad_norm_g", g.grad_norm)])?;
             bar.set_message(format!("g {:.3} d {:.3}", g.loss, d.loss));
@@ -188,7 +235,7 @@ pub fn adp(ctx: &ToyContext, teacher: &Teacher, pairs: &StoreReader) -> Result<S
     }
     bar.finish();
     Ok(StageOutcome {
-        weights: varmap_tensors(student.model.varmap()),
+        weights: varmap_tensors(nets.student.model.varmap()),
         dmd_trace: Vec::new(),
     })
 }
@@ -225,13 +272,46 @@ impl ScoreDistillation<'_> {
         Ok((x_t, t, eps))
     }
 
-    /// f_psi update: the plain denoising loss on detached student samples.
-    fn update_fake_score(&mut self, opt: &mut Optimizer) -> Result<f64> {
+    /// The f_psi loss: the plain denoising loss on detached student samples.
+    fn fake_score_loss(&mut self) -> Result<Tensor> {
         let (x0, cond) = self.student_batch()?;
         let x0 = x0.detach();
         let (x_t, t, eps) = self.noised(&x0, 0.0)?;
         let prediction = self.fake.net.forward(&x_t, &t, &cond)?;
-        Ok(opt.step(&losses::denoising(&self.ctx.schedule, &prediction, &x0, &eps, &t)?)?.loss)
+        Ok(losses::denoising(&self.ctx.schedule, &prediction, &x0, &eps, &t)?)
+    }
+
+    /// ADM's generator loss -D(x_s^fake, s): x_s^fake = step(f_psi, x_t, t -> t - dt) carries
+    /// the gradient into x_t and theta. Also returns the detached student batch for probes.
+    fn adm_generator_loss(&mut self, discriminator: &LatentDiscriminator, delta_t: f64) -> Result<(Tensor, Tensor, Condition)> {
+        let (x0, cond) = self.student_batch()?;
+        let (x_t, t, _) = self.noised(&x0, delta_t)?;
+        let s = t.affine(1.0, -delta_t)?;
+        let fake_prediction = self.fake.net.forward(&x_t, &t, &cond)?;
+        let loss = losses::adm_generator(&self.ctx.schedule, &fake_prediction, &x_t, &t, &s, |x, s| {
+            discriminator.logits(x, s, &cond)
+        })?;
+        Ok((loss, x0.detach(), cond))
+    }
+
+    /// ADM's hinge discriminator loss on teacher-CFG and fake-score flow steps from the same
+    /// detached x_t.
+    fn adm_discriminator_loss(&mut self, discriminator: &LatentDiscriminator, delta_t: f64) -> Result<Tensor> {
+        let (x0, cond) = self.student_batch()?;
+        let (x_t, t, _) = self.noised(&x0.detach(), delta_t)?;
+        let s = t.affine(1.0, -delta_t)?;
+        let cfg = self.ctx.config.teacher.cfg_scale;
+        let real_prediction = guided_prediction(self.teacher.net.as_ref(), &x_t, &t, &cond, cfg)?.detach();
+        let fake_prediction = self.fake.net.forward(&x_t, &t, &cond)?.detach();
+        Ok(losses::adm_discriminator(
+            &self.ctx.schedule,
+            &real_prediction,
+            &fake_prediction,
+            &x_t,
+            &t,
+            &s,
+            |x, s| discriminator.logits(x, s, &cond),
+        )?)
     }
 
     /// The DMD loss of `x0` with the teacher (CFG) as real score and f_psi as fake score.
@@ -283,7 +363,7 @@ pub fn dmd(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<Strin
     for step in 0..cfg.steps {
         let mut fake_loss = 0.0;
         for _ in 0..cfg.fake_updates {
-            fake_loss = run.update_fake_score(&mut opt_f)?;
+            fake_loss = opt_f.step(&run.fake_score_loss()?)?.loss;
         }
         let (x0, cond) = run.student_batch()?;
         let loss = run.dmd_loss(&x0, &cond)?;
@@ -299,15 +379,9 @@ pub fn dmd(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<Strin
     Ok(run.outcome(trace))
 }
 
-/// ADM: adversarial distribution matching (paper Sec. 3.2) from `init`, with `steps` line
-/// times (one entry = one-step student).
-pub fn adm(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<String, Tensor>, steps: Vec<f64>) -> Result<StageOutcome> {
+/// D_tau of ADM: the teacher with fresh heads on `adm.taps`.
+fn adm_discriminator(ctx: &ToyContext, teacher: &Teacher, name: &str) -> Result<(adm_nn::SeededVarMap, LatentDiscriminator)> {
     let cfg = &ctx.config.adm;
-    let clip = ctx.config.student.grad_clip;
-    let cfg_scale = ctx.config.teacher.cfg_scale;
-    let schedule = &ctx.schedule;
-    let delta_t = schedule.delta_t(cfg.flow_divisions);
-    let mut run = score_distillation(ctx, teacher, name, init, steps)?;
     let heads = fresh_vars(ctx, &format!("{name}-heads"));
     let discriminator = LatentDiscriminator::new(
         teacher.net.clone(),
@@ -315,44 +389,38 @@ pub fn adm(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<Strin
         cfg.head_hidden,
         heads.var_builder(DType::F32, &ctx.device),
     )?;
+    Ok((heads, discriminator))
+}
+
+/// ADM: adversarial distribution matching (paper Sec. 3.2) from `init`, with `steps` line
+/// times (one entry = one-step student).
+pub fn adm(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<String, Tensor>, steps: Vec<f64>) -> Result<StageOutcome> {
+    let cfg = &ctx.config.adm;
+    let clip = ctx.config.student.grad_clip;
+    let delta_t = ctx.schedule.delta_t(cfg.flow_divisions);
+    let mut run = score_distillation(ctx, teacher, name, init, steps)?;
+    let (heads, discriminator) = adm_discriminator(ctx, teacher, name)?;
     let mut opt_g = Optimizer::new("generator", run.student.model.varmap(), cfg.lr_generator, clip)?;
     let mut opt_f = Optimizer::new("fake-score", run.fake.varmap(), cfg.lr_fake, clip)?;
     let mut opt_d = Optimizer::new("discriminator", heads.varmap(), cfg.lr_discriminator, clip)?;
     let mut log = StageLog::create(ctx, name)?;
     let mut trace = Vec::new();
     let bar = progress(name, cfg.steps);
-    let earlier = |t: &Tensor| t.affine(1.0, -delta_t);
     for step in 0..cfg.steps {
         let mut fake_loss = 0.0;
         for _ in 0..cfg.ttur {
-            fake_loss = run.update_fake_score(&mut opt_f)?;
+            fake_loss = opt_f.step(&run.fake_score_loss()?)?.loss;
         }
-
-        // G: x_s^fake = step(f_psi, x_t, t -> t - dt) carries the gradient into x_t and theta.
-        let (x0, cond) = run.student_batch()?;
-        let (x_t, t, _) = run.noised(&x0, delta_t)?;
-        let s = earlier(&t)?;
-        let fake_prediction = run.fake.net.forward(&x_t, &t, &cond)?;
-        let g_loss = losses::adm_generator(schedule, &fake_prediction, &x_t, &t, &s, |x, s| discriminator.logits(x, s, &cond))?;
+        let (g_loss, x0, cond) = run.adm_generator_loss(&discriminator, delta_t)?;
         let g = opt_g.step(&g_loss)?;
         let probe = if step % ctx.config.eval.probe_every == 0 {
-            Some(run.dmd_loss(&x0.detach(), &cond)?.to_scalar::<f32>()? as f64)
+            Some(run.dmd_loss(&x0, &cond)?.to_scalar::<f32>()? as f64)
         } else {
             None
         };
-
-        // D: real and fake flow steps from the same detached x_t.
         let mut d_loss = 0.0;
         for _ in 0..cfg.ttur {
-            let (x0, cond) = run.student_batch()?;
-            let (x_t, t, _) = run.noised(&x0.detach(), delta_t)?;
-            let s = earlier(&t)?;
-            let real_prediction = guided_prediction(teacher.net.as_ref(), &x_t, &t, &cond, cfg_scale)?.detach();
-            let fake_prediction = run.fake.net.forward(&x_t, &t, &cond)?.detach();
-            let loss = losses::adm_discriminator(schedule, &real_prediction, &fake_prediction, &x_t, &t, &s, |x, s| {
-                discriminator.logits(x, s, &cond)
-            })?;
-            d_loss = opt_d.step(&loss)?.loss;
+            d_loss = opt_d.step(&run.adm_discriminator_loss(&discriminator, delta_t)?)?.loss;
         }
 
         if let Some(dmd) = probe {
@@ -367,4 +435,116 @@ pub fn adm(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<Strin
     }
     bar.finish();
     Ok(run.outcome(trace))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every trainable network receives a gradient on every Var from the loss that trains
+    //! it, and nothing reaches the frozen teacher.
+
+    use super::*;
+    use crate::collect::collect_toy_pairs;
+    use crate::config::ToyRunConfig;
+    use adm_nn::assert_every_var_has_grad;
+
+    pub(crate) fn tiny_context(name: &str, extra: &[&str]) -> ToyContext {
+        let dir = std::env::temp_dir().join(format!("adm-distill-{name}-{}", std::process::id()));
+        let mut overrides: Vec<String> = [
+            "model.hidden_size=8",
+            "model.num_blocks=2",
+            "model.time_embed_dim=4",
+            "adp.taps=[\"blocks.0\", \"blocks.1\"]",
+            "adm.taps=[\"blocks.0\", \"blocks.1\"]",
+            "adp.head_hidden=4",
+            "adp.pixel_width=4",
+            "adm.head_hidden=4",
+            "student.batch_size=8",
+            "ode_pairs.count=16",
+            "ode_pairs.batch_size=8",
+            "ode_pairs.shard_size=8",
+            "teacher.sampling_steps=3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        overrides.push(format!("run_dir={}", dir.display()));
+        overrides.extend(extra.iter().map(|s| s.to_string()));
+        ToyContext::new(ToyRunConfig::load(None, &overrides).unwrap()).unwrap()
+    }
+
+    /// An untrained teacher: gradient coverage does not depend on training.
+    pub(crate) fn random_teacher(ctx: &ToyContext) -> Teacher {
+        let vars = adm_nn::SeededVarMap::new(99);
+        ctx.build_net(vars.var_builder(DType::F32, &ctx.device)).unwrap();
+        Teacher::from_weights(ctx, varmap_tensors(vars.varmap())).unwrap()
+    }
+
+    fn assert_teacher_untouched(teacher: &Teacher, grads: &candle_core::backprop::GradStore) {
+        for tensor in teacher.weights.values() {
+            assert!(grads.get(tensor).is_none(), "the frozen teacher received a gradient");
+        }
+    }
+
+    #[test]
+    fn score_distillation_losses_reach_every_var() -> Result<()> {
+        for output in ["velocity", "native"] {
+            let ctx = tiny_context(&format!("score-{output}"), &[&format!("student.output=\"{output}\"")]);
+            let teacher = random_teacher(&ctx);
+            let mut run = score_distillation(&ctx, &teacher, "adm", &teacher.weights, vec![1.0])?;
+            let (heads, discriminator) = adm_discriminator(&ctx, &teacher, "adm")?;
+            let delta_t = ctx.schedule.delta_t(ctx.config.adm.flow_divisions);
+
+            let grads = run.fake_score_loss()?.backward()?;
+            assert_every_var_has_grad(run.fake.varmap(), &grads)?;
+
+            let (loss, x0, cond) = run.adm_generator_loss(&discriminator, delta_t)?;
+            let grads = loss.backward()?;
+            assert_every_var_has_grad(run.student.model.varmap(), &grads)?;
+            assert_teacher_untouched(&teacher, &grads);
+
+            let grads = run.adm_discriminator_loss(&discriminator, delta_t)?.backward()?;
+            assert_every_var_has_grad(heads.varmap(), &grads)?;
+            for var in run.student.model.varmap().all_vars() {
+                assert!(grads.get(var.as_tensor()).is_none(), "the discriminator loss reached the generator");
+            }
+
+            let (x0_live, cond_live) = run.student_batch()?;
+            let grads = run.dmd_loss(&x0_live, &cond_live)?.backward()?;
+            assert_every_var_has_grad(run.student.model.varmap(), &grads)?;
+            assert_teacher_untouched(&teacher, &grads);
+            // The probe on a detached batch is a plain number.
+            assert!(run.dmd_loss(&x0, &cond)?.to_scalar::<f32>()?.is_finite());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn multistep_student_gets_gradients_at_every_step() -> Result<()> {
+        let ctx = tiny_context("multistep", &[]);
+        let teacher = random_teacher(&ctx);
+        let steps = ctx.config.student.multistep.clone();
+        let mut run = score_distillation(&ctx, &teacher, "adm-multistep", &teacher.weights, steps)?;
+        // The step is drawn per batch: enough draws cover every step with near certainty.
+        for _ in 0..12 {
+            let (x0, _) = run.student_batch()?;
+            assert_every_var_has_grad(run.student.model.varmap(), &x0.sqr()?.sum_all()?.backward()?)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn adp_losses_reach_every_var() -> Result<()> {
+        let ctx = tiny_context("adp", &[]);
+        let teacher = random_teacher(&ctx);
+        let pairs = collect_toy_pairs(&ctx, &teacher)?;
+        let nets = AdpNetworks::new(&ctx, &teacher)?;
+        let mut feed = PairFeed::new(&pairs, 1);
+        let batch = nets.batch(&ctx, &mut feed, &mut ctx.rng("test"))?;
+        let grads = nets.generator_loss(&ctx, &batch)?.backward()?;
+        assert_every_var_has_grad(nets.student.model.varmap(), &grads)?;
+        assert_teacher_untouched(&teacher, &grads);
+        let grads = nets.discriminator_loss(&ctx, &batch)?.backward()?;
+        assert_every_var_has_grad(nets.heads.varmap(), &grads)?;
+        Ok(())
+    }
 }

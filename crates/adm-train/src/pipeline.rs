@@ -13,7 +13,7 @@ use crate::collect::collect_toy_pairs;
 use crate::config::{Method, ToyRunConfig};
 use crate::context::ToyContext;
 use crate::distill::{self, new_student, StageOutcome};
-use crate::teacher::{cached_weights, store_weights, train_teacher, Teacher};
+use crate::teacher::{cached_weights, store_weights, train_teacher};
 
 /// One row of the results.
 #[derive(Debug, Clone, Serialize)]
@@ -127,7 +127,7 @@ pub fn run_toy(config: ToyRunConfig) -> Result<ToyReport> {
         panels.push((method.name().to_string(), samples));
     }
 
-    let table = render_table(&teacher_report, &reports);
+    let table = render_table(&teacher_report, &reports)?;
     let report = ToyReport {
         config: ctx.config.clone(),
         teacher: teacher_report,
@@ -174,13 +174,13 @@ fn write_json_atomic(path: &std::path::Path, value: &impl Serialize) -> Result<(
     Ok(())
 }
 
-fn render_table(teacher: &MethodReport, methods: &[MethodReport]) -> String {
+fn render_table(teacher: &MethodReport, methods: &[MethodReport]) -> Result<String> {
     let mut table = Table::new(
         ["method", "modes", "in 3 std", "mode TV", "energy dist", "DMD loss start -> end", "seconds"]
             .iter()
             .map(|s| s.to_string())
             .collect(),
-    );
+    )?;
     for row in std::iter::once(teacher).chain(methods) {
         let m = &row.metrics;
         let dmd = match (row.dmd_loss_start, row.dmd_loss_end) {
@@ -197,7 +197,7 @@ fn render_table(teacher: &MethodReport, methods: &[MethodReport]) -> String {
                 dmd,
                 format!("{:.0}", row.seconds),
             ],
-        );
+        )?;
     }
-    table.render()
+    Ok(table.render())
 }
