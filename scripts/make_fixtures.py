@@ -26,6 +26,18 @@ Run (developers only; the Rust tests never need Python). Only PyPI is needed:
   /tmp/fxvenv/bin/python scripts/make_fixtures.py
 
 The script is deterministic and overwrites the fixture folders; run it from anywhere.
+
+Further groups (run all by default, or name them: `make_fixtures.py vae clip counts`):
+  vae    fixtures/vae/{sdxl_tiny,sd3_tiny}: AutoencoderKL encode (mean, logvar, sample with
+         given noise, scaled latents) and decode, float64 reference.
+  clip   fixtures/clip/{clip_l_tiny,bigg_tiny}: CLIPTextModel / CLIPTextModelWithProjection
+         (last, penultimate and embedding hidden states, pooled, text_embeds), float64;
+         fixtures/clip/tokenizer (the real CLIP vocab.json + merges.txt, built from
+         open_clip's bpe_simple_vocab_16e6.txt.gz: `pip download open-clip-torch --no-deps`
+         and unzip the wheel, or set CLIP_BPE), tokenizer_small/tokenizer.json (first 2000
+         merges) and tokens.json (transformers' CLIPTokenizer ids for a few prompts).
+  counts prints the tensor / parameter counts of the published VAE and CLIP configs that
+         the Rust tests hard-code.
 """
 
 import json
@@ -148,10 +160,353 @@ def make(name, spec, seed):
     print("  taps:", json.dumps({k: list(v.shape) for k, v in taps.items()}))
 
 
+VAE_OUT = ROOT / "crates" / "adm-models" / "tests" / "fixtures" / "vae"
+
+VAE_MODELS = {
+    # SDXL-like: 4 latent channels, quant convs, mid-block attention.
+    "sdxl_tiny": dict(
+        config=dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=16,
+            scaling_factor=0.13025,
+        ),
+        image=(2, 3, 16, 16),
+    ),
+    # SD3-like: 16 latent channels, no quant convs, shift factor, three blocks, two layers.
+    "sd3_tiny": dict(
+        config=dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 8, 16),
+            layers_per_block=2,
+            latent_channels=16,
+            norm_num_groups=4,
+            sample_size=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        image=(1, 3, 16, 8),
+    ),
+}
+
+
+def make_vae(name, spec, seed):
+    """AutoencoderKL fixture: weights, inputs (image, noise, latent), f64 outputs.
+
+    outputs.safetensors: mean, logvar (encode), sample (mean + std * noise), decoded (decode
+    of the input `latent`, float64), scaled (the pipeline's (sample - shift) * scaling).
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**spec["config"]).float().eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    out_dir = VAE_OUT / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out_dir, safe_serialization=True)
+
+    cfg = vae.config
+    g = torch.Generator().manual_seed(seed + 1)
+    b, _, h, w = spec["image"]
+    f = 2 ** (len(cfg.block_out_channels) - 1)
+    latent_shape = (b, cfg.latent_channels, h // f, w // f)
+    inputs = {
+        "image": torch.rand(spec["image"], generator=g) * 2 - 1,
+        "noise": torch.randn(latent_shape, generator=g),
+        "latent": torch.randn(latent_shape, generator=g),
+    }
+    save_file({k: v.contiguous() for k, v in inputs.items()}, out_dir / "inputs.safetensors")
+
+    vae = vae.double()
+    with torch.no_grad():
+        posterior = vae.encode(inputs["image"].double()).latent_dist
+        sample = posterior.mean + posterior.std * inputs["noise"].double()
+        decoded = vae.decode(inputs["latent"].double()).sample
+    shift = cfg.shift_factor or 0.0
+    outputs = {
+        "mean": posterior.mean,
+        "logvar": posterior.logvar,
+        "sample": sample,
+        "scaled": (sample - shift) * cfg.scaling_factor,
+        "decoded": decoded,
+    }
+    save_file({k: v.contiguous() for k, v in outputs.items()}, out_dir / "outputs.safetensors")
+    n_params = sum(p.numel() for p in vae.parameters())
+    size = sum(f.stat().st_size for f in out_dir.iterdir())
+    print(f"vae/{name}: {n_params} parameters, {size / 1024:.0f} KiB, decoded {list(decoded.shape)}")
+
+
+def published_vae_counts():
+    """Tensor and parameter counts of the published VAE configs (for the Rust test)."""
+    from diffusers import AutoencoderKL
+
+    base = dict(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+    )
+    for name, extra in [
+        ("sdxl", dict(latent_channels=4)),
+        ("sd3", dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)),
+    ]:
+        vae = AutoencoderKL(**base, **extra)
+        sd = vae.state_dict()
+        print(f"vae {name}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters")
+
+
+CLIP_OUT = ROOT / "crates" / "adm-models" / "tests" / "fixtures" / "clip"
+# open_clip's BPE file; pip download open-clip-torch --no-deps, unzip the wheel (or set
+# CLIP_BPE to the file). The tokenizer fixtures are skipped when it is missing.
+CLIP_BPE_DEFAULT = Path("/tmp/oclip/open_clip/bpe_simple_vocab_16e6.txt.gz")
+
+CLIP_PROMPTS = [
+    "a photo of a cat",
+    "A   Photo of an ASTRONAUT riding a horse, 4k, highly-detailed!!",
+    "",
+    "it's a dog's life; they're we've i'm you'll he'd",
+    "café crème brûlée 日本 🙂 <|endoftext|> x",
+    # Longer than 77 tokens: truncated to 75 + bos + eos.
+    " ".join(["a very long prompt about many things"] * 12),
+]
+
+
+def bytes_to_unicode():
+    """GPT-2 / CLIP byte-to-unicode table (byte value -> printable character)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def clip_vocab_merges(bpe_path, n_merges=None):
+    """CLIP's vocab (HF names and order) and merges from open_clip's BPE file; with
+    n_merges, only the first n merges (a small vocabulary with the same id scheme)."""
+    import gzip
+
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    if n_merges is not None:
+        merges = merges[:n_merges]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+def make_clip_tokenizers():
+    """tokenizer/ (full CLIP vocab.json + merges.txt, as SD/SDXL repos ship them),
+    tokenizer_small/tokenizer.json (first 2000 merges), and tokens.json with the ids
+    transformers' CLIPTokenizer gives for CLIP_PROMPTS (max_length 77, padding to it)."""
+    import os
+
+    from transformers import CLIPTokenizer
+
+    bpe = Path(os.environ.get("CLIP_BPE", CLIP_BPE_DEFAULT))
+    if not bpe.is_file():
+        print(f"clip tokenizer fixtures skipped: {bpe} not found")
+        return
+    tokens = {"prompts": CLIP_PROMPTS}
+
+    full_dir = CLIP_OUT / "tokenizer"
+    full_dir.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab_merges(bpe)
+    assert len(vocab) == 49408
+    (full_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (full_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    for name, pad in [("full_pad_eos", "<|endoftext|>"), ("full_pad_bang", "!")]:
+        tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad)
+        ids = tok(CLIP_PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
+        tokens[name] = ids
+    # SD / SDXL's tokenizer_config.json settings that matter here.
+    (full_dir / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77, "pad_token": "<|endoftext|>", "do_lower_case": True}, indent=1)
+    )
+    # Well-known CLIP ids: "a photo of a cat".
+    assert tokens["full_pad_eos"][0][:7] == [49406, 320, 1125, 539, 320, 2368, 49407], tokens[
+        "full_pad_eos"
+    ][0][:7]
+
+    small_dir = CLIP_OUT / "tokenizer_small"
+    small_dir.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab_merges(bpe, n_merges=2000)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!")
+    tok.backend_tokenizer.save(str(small_dir / "tokenizer.json"))
+    tokens["small_pad_bang"] = tok(
+        CLIP_PROMPTS, padding="max_length", max_length=77, truncation=True
+    ).input_ids
+    tokens["small_vocab_size"] = len(vocab)
+    (CLIP_OUT / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False))
+    size = sum(f.stat().st_size for d in (full_dir, small_dir) for f in d.iterdir())
+    print(f"clip tokenizers: {size / 1024:.0f} KiB")
+
+
+CLIP_MODELS = {
+    # CLIP-L-like (SD / SDXL text_encoder): CLIPTextModel, quick_gelu, legacy eos_token_id 2
+    # (pooled = argmax of the ids).
+    "clip_l_tiny": dict(
+        cls="CLIPTextModel",
+        config=dict(
+            vocab_size=600,
+            hidden_size=32,
+            intermediate_size=48,
+            projection_dim=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            hidden_act="quick_gelu",
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        ),
+        # bos 598, eos 599 (the largest id), pad with eos.
+        bos=598,
+        eos=599,
+        pad=599,
+        mask=False,
+    ),
+    # OpenCLIP-bigG-like (SDXL text_encoder_2): CLIPTextModelWithProjection, gelu, a real
+    # eos_token_id (pooled = first eos), ids above eos so argmax would pick the wrong token,
+    # an attention mask over the padding.
+    "bigg_tiny": dict(
+        cls="CLIPTextModelWithProjection",
+        config=dict(
+            vocab_size=600,
+            hidden_size=40,
+            intermediate_size=56,
+            projection_dim=24,
+            num_hidden_layers=4,
+            num_attention_heads=5,
+            max_position_embeddings=16,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=300,
+            eos_token_id=301,
+            pad_token_id=0,
+        ),
+        bos=300,
+        eos=301,
+        pad=0,
+        mask=True,
+    ),
+}
+
+
+def make_clip_model(name, spec, seed):
+    """CLIP text encoder fixture: config.json + model.safetensors (transformers layout),
+    inputs (input_ids int64 (B, 12)[, attention_mask]) and f64 outputs: last_hidden_state,
+    penultimate (hidden_states[-2]), hidden_states.0 (embeddings), pooled[, text_embeds]."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cls = getattr(transformers, spec["cls"])
+    cfg = transformers.CLIPTextConfig(**spec["config"])
+    model = cls(cfg).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    out_dir = CLIP_OUT / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    g = torch.Generator().manual_seed(seed + 1)
+    length, lengths = 12, [7, 12, 3]
+    ids = torch.full((len(lengths), length), spec["pad"], dtype=torch.int64)
+    for b, n in enumerate(lengths):
+        ids[b, 0] = spec["bos"]
+        ids[b, 1 : n - 1] = torch.randint(3, 590, (n - 2,), generator=g)
+        ids[b, n - 1] = spec["eos"]
+    inputs = {"input_ids": ids}
+    if spec["mask"]:
+        inputs["attention_mask"] = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
+    save_file(inputs, out_dir / "inputs.safetensors")
+
+    model = model.double()
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    hs = out.hidden_states
+    assert len(hs) == cfg.num_hidden_layers + 1
+    outputs = {
+        "last_hidden_state": out.last_hidden_state,
+        "penultimate": hs[-2],
+        "hidden_states.0": hs[0],
+    }
+    if hasattr(out, "pooler_output") and out.pooler_output is not None:
+        outputs["pooled"] = out.pooler_output
+    if getattr(out, "text_embeds", None) is not None:
+        outputs["text_embeds"] = out.text_embeds
+        # transformers' WithProjection output has no pooled output: recompute it.
+        eos_pos = (ids == cfg.eos_token_id).int().argmax(-1)
+        outputs["pooled"] = out.last_hidden_state[torch.arange(len(lengths)), eos_pos]
+    if spec["mask"]:
+        with torch.no_grad():
+            plain = model(input_ids=ids).last_hidden_state
+        outputs["last_hidden_state_no_mask"] = plain
+    save_file({k: v.contiguous() for k, v in outputs.items()}, out_dir / "outputs.safetensors")
+    size = sum(f.stat().st_size for f in out_dir.iterdir())
+    print(f"clip/{name}: {sum(p.numel() for p in model.parameters())} parameters, {size / 1024:.0f} KiB")
+
+
+def published_clip_counts():
+    import transformers
+
+    for name, cls, kw in [
+        ("clip_l", "CLIPTextModel", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                         num_attention_heads=12, projection_dim=768)),
+        ("bigg", "CLIPTextModelWithProjection", dict(hidden_size=1280, intermediate_size=5120,
+                                                     num_hidden_layers=32, num_attention_heads=20,
+                                                     projection_dim=1280, hidden_act="gelu")),
+    ]:
+        with torch.device("meta"):
+            m = getattr(transformers, cls)(transformers.CLIPTextConfig(**kw))
+        sd = m.state_dict()
+        print(f"clip {name}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters")
+
+
+GROUPS = ("unet", "vae", "clip")
+
+
 def main():
+    import sys
+
+    groups = sys.argv[1:] or GROUPS
+    unknown = set(groups) - set(GROUPS) - {"counts"}
+    if unknown:
+        raise SystemExit(f"unknown fixture groups {sorted(unknown)}; choose from {GROUPS}")
     torch.set_grad_enabled(False)
-    for seed, (name, spec) in enumerate(MODELS.items()):
-        make(name, spec, seed=1000 + 10 * seed)
+    if "unet" in groups:
+        for seed, (name, spec) in enumerate(MODELS.items()):
+            make(name, spec, seed=1000 + 10 * seed)
+    if "vae" in groups:
+        for seed, (name, spec) in enumerate(VAE_MODELS.items()):
+            make_vae(name, spec, seed=2000 + 10 * seed)
+    if "clip" in groups:
+        make_clip_tokenizers()
+        for seed, (name, spec) in enumerate(CLIP_MODELS.items()):
+            make_clip_model(name, spec, seed=3000 + 10 * seed)
+    if "counts" in groups:
+        published_vae_counts()
+        published_clip_counts()
 
 
 if __name__ == "__main__":

@@ -1,1 +1,18 @@
-//! adm-eval
+//! adm-eval: sample metrics, scatter plots and plain-text reports.
+//!
+//! - [`mod@toy_metrics`]: mode coverage, sample quality and distribution distances for the 2D
+//!   Gaussian-mixture toy.
+//! - [`plot`]: scatter-plot PNGs of sample sets, titled with the built-in [`font`].
+//! - [`table`]: aligned plain-text and Markdown tables for logs and the README.
+
+pub mod font;
+pub mod plot;
+pub mod table;
+pub mod toy_metrics;
+
+pub use plot::scatter_png;
+pub use table::{format_count, format_metric, Table};
+pub use toy_metrics::{
+    energy_distance, mmd_rbf, mode_histogram, toy_metrics, toy_metrics_with_coverage, ModeSet,
+    ToyMetrics, DEFAULT_COVERAGE_FRACTION, HIGH_QUALITY_RADIUS_STD, MAX_DISTANCE_SAMPLES,
+};

@@ -15,7 +15,7 @@ pub const DMD_NORMALISER_FLOOR: f64 = 1e-8;
 ///
 /// `x0 = G(z)` has shape `(B, ...)`; `p_real` is the teacher's x0-prediction (with CFG) and
 /// `p_fake` the fake score's x0-prediction at the noised `x0`, both of `x0`'s shape.
-/// Half-precision inputs are computed in f32 (the floor is below f16's smallest normal) and the
+/// Half-precision inputs are computed in f32 (in f16 the floor would round to 0) and the
 /// result is cast back to `x0`'s dtype.
 pub fn dmd_gradient(x0: &Tensor, p_real: &Tensor, p_fake: &Tensor) -> Result<Tensor> {
     ensure_non_empty("dmd_gradient", "x0", x0)?;
@@ -36,7 +36,8 @@ pub fn dmd_gradient(x0: &Tensor, p_real: &Tensor, p_fake: &Tensor) -> Result<Ten
             .to_dtype(work_dtype)?
             .reshape((batch, t.elem_count() / batch))
     };
-    let (x0_flat, real_flat, fake_flat) = (per_sample(x0)?, per_sample(p_real)?, per_sample(p_fake)?);
+    let (x0_flat, real_flat, fake_flat) =
+        (per_sample(x0)?, per_sample(p_real)?, per_sample(p_fake)?);
     let normaliser = (&x0_flat - &real_flat)?
         .abs()?
         .mean_keepdim(1)?
@@ -80,10 +81,17 @@ mod tests {
         let p_real = matrix(&[[0.0, 2.0], [3.0, 2.0]])?;
         let p_fake = matrix(&[[1.0, 1.0], [4.0, 3.0]])?;
         let expected_g = matrix(&[[2.0, -2.0], [1.0, 1.0]])?;
-        assert_eq!(max_abs_diff(&dmd_gradient(&x0, &p_real, &p_fake)?, &expected_g)?, 0.0);
+        assert_eq!(
+            max_abs_diff(&dmd_gradient(&x0, &p_real, &p_fake)?, &expected_g)?,
+            0.0
+        );
         let loss = dmd(&x0, &p_real, &p_fake)?;
         assert!((loss.to_scalar::<f64>()? - 1.25).abs() < 1e-12);
-        let grad = loss.backward()?.get(&x0).cloned().expect("x0 has a gradient");
+        let grad = loss
+            .backward()?
+            .get(&x0)
+            .cloned()
+            .expect("x0 has a gradient");
         assert!(max_abs_diff(&grad, &expected_g.affine(0.25, 0.0)?)? < 1e-12);
         Ok(())
     }
@@ -116,7 +124,11 @@ mod tests {
         let p = Tensor::randn(0f64, 1.0, (2, 5), &device)?;
         let loss = dmd(&x0, &p, &p)?;
         assert_eq!(loss.to_scalar::<f64>()?, 0.0);
-        let grad = loss.backward()?.get(&x0).cloned().expect("x0 has a gradient");
+        let grad = loss
+            .backward()?
+            .get(&x0)
+            .cloned()
+            .expect("x0 has a gradient");
         assert_eq!(grad.abs()?.max_all()?.to_scalar::<f64>()?, 0.0);
         Ok(())
     }

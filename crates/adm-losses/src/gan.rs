@@ -53,8 +53,10 @@ pub fn adp_discriminator(
     ] {
         ensure_non_empty("adp_discriminator", name, logits)?;
     }
-    let latent = hinge_discriminator(latent_real_logits, latent_fake_logits)?.affine(lambda_latent, 0.0)?;
-    let pixel = hinge_discriminator(pixel_real_logits, pixel_fake_logits)?.affine(lambda_pixel, 0.0)?;
+    let latent =
+        hinge_discriminator(latent_real_logits, latent_fake_logits)?.affine(lambda_latent, 0.0)?;
+    let pixel =
+        hinge_discriminator(pixel_real_logits, pixel_fake_logits)?.affine(lambda_pixel, 0.0)?;
     latent + pixel
 }
 
@@ -145,7 +147,11 @@ mod tests {
             &inputs,
             GradCheck::default(),
         )?;
-        check_gradients(|xs| hinge_generator(&xs[0]), &inputs[1..], GradCheck::default())?;
+        check_gradients(
+            |xs| hinge_generator(&xs[0]),
+            &inputs[1..],
+            GradCheck::default(),
+        )?;
         Ok(())
     }
 

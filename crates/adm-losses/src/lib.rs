@@ -21,7 +21,13 @@ pub use regression::{denoising, mse};
 use candle_core::{Error, Result, Tensor};
 
 /// Errors unless `a` and `b` have exactly the same shape (no broadcasting).
-fn ensure_same_shape(function: &str, a_name: &str, a: &Tensor, b_name: &str, b: &Tensor) -> Result<()> {
+fn ensure_same_shape(
+    function: &str,
+    a_name: &str,
+    a: &Tensor,
+    b_name: &str,
+    b: &Tensor,
+) -> Result<()> {
     if a.shape() == b.shape() {
         Ok(())
     } else {
@@ -42,5 +48,44 @@ fn ensure_non_empty(function: &str, name: &str, t: &Tensor) -> Result<()> {
         )))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use adm_diffusion::{Schedule, ScheduleConfig};
+    use candle_core::{Device, Result, Tensor};
+
+    /// The three schedule families of the recipes: VP-ε (SDXL), rectified flow (SD3),
+    /// zero-terminal-SNR VP-v (CogVideoX).
+    pub fn schedules() -> Result<Vec<(&'static str, Schedule)>> {
+        Ok(vec![
+            ("sdxl", Schedule::new(&ScheduleConfig::sdxl())?),
+            ("sd3", Schedule::new(&ScheduleConfig::sd3())?),
+            ("cogvideox", Schedule::new(&ScheduleConfig::cogvideox())?),
+        ])
+    }
+
+    /// A deterministic f64 sample of shape (3, 2, 2); different `phase`s give different tensors.
+    pub fn sample(phase: f64) -> Result<Tensor> {
+        Tensor::arange(0f64, 12.0, &Device::Cpu)?
+            .affine(0.37, phase)?
+            .sin()?
+            .affine(1.3, 0.0)?
+            .reshape((3, 2, 2))
+    }
+
+    /// Per-sample `t` at unit times [1 (the noise end), 0.45, 0.2] and the ADM step target
+    /// `s = t - T/64`, both of shape (3,).
+    pub fn timesteps(schedule: &Schedule) -> Result<(Tensor, Tensor)> {
+        let t: Vec<f64> = [1.0, 0.45, 0.2]
+            .iter()
+            .map(|&u| schedule.timestep_from_unit(u))
+            .collect();
+        let s: Vec<f64> = t.iter().map(|t| t - schedule.delta_t(64)).collect();
+        Ok((
+            Tensor::new(t.as_slice(), &Device::Cpu)?,
+            Tensor::new(s.as_slice(), &Device::Cpu)?,
+        ))
     }
 }

@@ -30,6 +30,7 @@ pub fn denoising(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{sample, schedules, timesteps};
     use adm_nn::{check_gradients, GradCheck};
     use candle_core::{DType, Device};
 
@@ -60,6 +61,58 @@ mod tests {
             Tensor::randn(0f64, 1.0, (2, 3, 4), &Device::Cpu)?,
         ];
         check_gradients(|xs| mse(&xs[0], &xs[1]), &inputs, GradCheck::default())?;
+        Ok(())
+    }
+
+    #[test]
+    fn denoising_is_mse_against_the_native_target() -> Result<()> {
+        for (name, schedule) in schedules()? {
+            let (x0, eps) = (sample(0.0)?, sample(1.1)?);
+            let (t, _) = timesteps(&schedule)?;
+            let target = schedule.target(&x0, &eps, &t)?;
+            let exact = denoising(&schedule, &target, &x0, &eps, &t)?.to_scalar::<f64>()?;
+            assert_eq!(exact, 0.0, "{name}");
+            let prediction = sample(2.3)?;
+            let loss = denoising(&schedule, &prediction, &x0, &eps, &t)?;
+            let expected = mse(&prediction, &target)?;
+            assert_eq!(
+                loss.to_scalar::<f64>()?,
+                expected.to_scalar::<f64>()?,
+                "{name}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn denoising_gradients_match_finite_differences() -> Result<()> {
+        for (name, schedule) in schedules()? {
+            let (t, _) = timesteps(&schedule)?;
+            let inputs = [sample(2.3)?, sample(0.0)?, sample(1.1)?];
+            check_gradients(
+                |xs| denoising(&schedule, &xs[0], &xs[1], &xs[2], &t),
+                &inputs,
+                GradCheck::default(),
+            )
+            .map_err(|err| err.context(name))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn denoising_shape_mismatch_names_the_argument() -> Result<()> {
+        let schedule = &schedules()?[0].1;
+        let (t, _) = timesteps(schedule)?;
+        let (x0, eps) = (sample(0.0)?, sample(1.1)?);
+        let wrong = x0.reshape((3, 4))?;
+        let err = denoising(schedule, &wrong, &x0, &eps, &t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prediction"), "{err}");
+        let err = denoising(schedule, &x0, &x0, &wrong, &t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("eps"), "{err}");
         Ok(())
     }
 }

@@ -58,7 +58,11 @@ impl Condition {
         self.map_with(other, |a, b| Tensor::cat(&[a, b], 0))
     }
 
-    fn map_with(&self, other: &Self, f: impl Fn(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Self> {
+    fn map_with(
+        &self,
+        other: &Self,
+        f: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
         let tensors = self
             .tensors
             .iter()
@@ -85,7 +89,13 @@ pub trait Backbone: Send + Sync {
 
     /// The intermediate features at `taps`, in that order (the forward may stop after the
     /// last one).
-    fn features(&self, x_t: &Tensor, t: &Tensor, cond: &Condition, taps: &[String]) -> Result<Vec<Tensor>>;
+    fn features(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        cond: &Condition,
+        taps: &[String],
+    ) -> Result<Vec<Tensor>>;
 
     /// Every tap this backbone offers.
     fn feature_taps(&self) -> Vec<FeatureTap>;
@@ -95,14 +105,25 @@ pub trait Backbone: Send + Sync {
 }
 
 /// (x0_hat, eps_hat) from one forward pass.
-pub fn predict_x0_eps(model: &dyn Backbone, x_t: &Tensor, t: &Tensor, cond: &Condition) -> Result<(Tensor, Tensor)> {
+pub fn predict_x0_eps(
+    model: &dyn Backbone,
+    x_t: &Tensor,
+    t: &Tensor,
+    cond: &Condition,
+) -> Result<(Tensor, Tensor)> {
     let prediction = model.forward(x_t, t, cond)?;
     model.schedule().to_x0_eps(&prediction, x_t, t)
 }
 
 /// The native prediction with classifier-free guidance `scale` (1 = plain conditional). The
 /// conditional and unconditional halves run as one batch.
-pub fn guided_prediction(model: &dyn Backbone, x_t: &Tensor, t: &Tensor, cond: &Condition, scale: f64) -> Result<Tensor> {
+pub fn guided_prediction(
+    model: &dyn Backbone,
+    x_t: &Tensor,
+    t: &Tensor,
+    cond: &Condition,
+    scale: f64,
+) -> Result<Tensor> {
     if scale == 1.0 {
         return model.forward(x_t, t, cond);
     }
@@ -112,12 +133,22 @@ pub fn guided_prediction(model: &dyn Backbone, x_t: &Tensor, t: &Tensor, cond: &
         &Tensor::cat(&[t, t], 0)?,
         &model.unconditional(cond)?.cat(cond)?,
     )?;
-    cfg_combine(&both.narrow(0, 0, batch)?, &both.narrow(0, batch, batch)?, scale)
+    cfg_combine(
+        &both.narrow(0, 0, batch)?,
+        &both.narrow(0, batch, batch)?,
+        scale,
+    )
 }
 
 /// (x0_hat, eps_hat) with classifier-free guidance: the conversion is linear in the
 /// prediction, so guiding the native prediction equals guiding x0 and eps.
-pub fn guided_x0_eps(model: &dyn Backbone, x_t: &Tensor, t: &Tensor, cond: &Condition, scale: f64) -> Result<(Tensor, Tensor)> {
+pub fn guided_x0_eps(
+    model: &dyn Backbone,
+    x_t: &Tensor,
+    t: &Tensor,
+    cond: &Condition,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
     let prediction = guided_prediction(model, x_t, t, cond, scale)?;
     model.schedule().to_x0_eps(&prediction, x_t, t)
 }

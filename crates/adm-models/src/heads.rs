@@ -59,7 +59,11 @@ impl HeadSet {
     /// (B,) logits averaged over the heads.
     pub fn logits(&self, features: &[Tensor]) -> Result<Tensor> {
         if features.len() != self.heads.len() {
-            candle_core::bail!("{} heads but {} feature maps", self.heads.len(), features.len());
+            candle_core::bail!(
+                "{} heads but {} feature maps",
+                self.heads.len(),
+                features.len()
+            );
         }
         let per_head = self
             .heads
@@ -81,7 +85,12 @@ pub struct LatentDiscriminator {
 }
 
 impl LatentDiscriminator {
-    pub fn new(backbone: Arc<dyn Backbone>, taps: &[String], head_hidden: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        backbone: Arc<dyn Backbone>,
+        taps: &[String],
+        head_hidden: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let offered = backbone.feature_taps();
         let channels = taps
             .iter()
@@ -127,7 +136,11 @@ pub struct PixelDiscriminator {
 }
 
 impl PixelDiscriminator {
-    pub fn new(extractor: Arc<dyn FeatureExtractor>, head_hidden: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        extractor: Arc<dyn FeatureExtractor>,
+        head_hidden: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             heads: HeadSet::new(&extractor.feature_channels(), head_hidden, vb)?,
             extractor,
@@ -153,7 +166,13 @@ impl RandomFeatureMlp {
             candle_core::bail!("the random feature network needs depth and width > 0");
         }
         let layers = (0..depth)
-            .map(|i| linear(if i == 0 { in_channels } else { width }, width, vb.pp(format!("layers.{i}"))))
+            .map(|i| {
+                linear(
+                    if i == 0 { in_channels } else { width },
+                    width,
+                    vb.pp(format!("layers.{i}")),
+                )
+            })
             .collect::<Result<_>>()?;
         Ok(Self { layers, width })
     }

@@ -2,12 +2,21 @@
 //! discriminator heads, and weight handling.
 
 pub mod backbone;
+pub mod clip;
+pub mod forward_cli;
 pub mod heads;
+pub mod loading;
 pub mod toy_mlp;
 pub mod unet_2d;
+pub mod vae;
 pub mod weights;
 
-pub use backbone::{guided_prediction, guided_x0_eps, predict_x0_eps, Backbone, Condition, FeatureTap};
-pub use heads::{FeatureExtractor, HeadSet, LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp, VectorHead};
+pub use backbone::{
+    guided_prediction, guided_x0_eps, predict_x0_eps, Backbone, Condition, FeatureTap,
+};
+pub use heads::{
+    FeatureExtractor, HeadSet, LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp,
+    VectorHead,
+};
 pub use toy_mlp::{ToyMlp, ToyMlpConfig};
 pub use weights::{copy_weights, frozen_var_builder, save_safetensors_atomic, varmap_tensors};

@@ -95,7 +95,11 @@ impl ToyMlp {
             .map(|i| ResBlock::new(hidden, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<_>>()?;
         Ok(Self {
-            time_linear_1: linear(config.time_embed_dim, hidden, vb.pp("time_embedding.linear_1"))?,
+            time_linear_1: linear(
+                config.time_embed_dim,
+                hidden,
+                vb.pp("time_embedding.linear_1"),
+            )?,
             time_linear_2: linear(hidden, hidden, vb.pp("time_embedding.linear_2"))?,
             class_embedding: embedding(config.num_classes + 1, hidden, vb.pp("class_embedding"))?,
             proj_in: linear(config.in_channels, hidden, vb.pp("proj_in"))?,
@@ -118,15 +122,25 @@ impl ToyMlp {
             .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
             .collect();
         let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-        let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+        let args = t
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&freqs)?;
         Tensor::cat(&[args.cos()?, args.sin()?], 1)
     }
 
     fn embedding(&self, t: &Tensor, cond: &Condition) -> Result<Tensor> {
-        let time = self.timestep_embedding(t)?.to_dtype(self.proj_in.weight().dtype())?;
-        let time = self.time_linear_2.forward(&self.time_linear_1.forward(&time)?.silu()?)?;
+        let time = self
+            .timestep_embedding(t)?
+            .to_dtype(self.proj_in.weight().dtype())?;
+        let time = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&time)?.silu()?)?;
         let classes = cond.get(CLASS_LABELS)?;
-        let max_class = classes.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
+        let max_class = classes
+            .max_all()?
+            .to_dtype(DType::U32)?
+            .to_scalar::<u32>()? as usize;
         if max_class > self.config.num_classes {
             candle_core::bail!(
                 "{CLASS_LABELS} holds class {max_class}, but the model has {} classes (+1 null class)",
@@ -137,7 +151,13 @@ impl ToyMlp {
     }
 
     /// Runs the blocks, handing every block output to `visit`; stops when it returns false.
-    fn trunk(&self, x_t: &Tensor, t: &Tensor, cond: &Condition, mut visit: impl FnMut(usize, &Tensor) -> bool) -> Result<Tensor> {
+    fn trunk(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        cond: &Condition,
+        mut visit: impl FnMut(usize, &Tensor) -> bool,
+    ) -> Result<Tensor> {
         let emb = self.embedding(t, cond)?;
         let mut h = self.proj_in.forward(x_t)?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -160,7 +180,13 @@ impl Backbone for ToyMlp {
         self.proj_out.forward(&h.silu()?)
     }
 
-    fn features(&self, x_t: &Tensor, t: &Tensor, cond: &Condition, taps: &[String]) -> Result<Vec<Tensor>> {
+    fn features(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        cond: &Condition,
+        taps: &[String],
+    ) -> Result<Vec<Tensor>> {
         let indices = taps
             .iter()
             .map(|tap| {
@@ -195,7 +221,11 @@ impl Backbone for ToyMlp {
 
     fn unconditional(&self, cond: &Condition) -> Result<Condition> {
         let classes = cond.get(CLASS_LABELS)?;
-        let null = Tensor::full(self.config.num_classes as u32, classes.shape(), classes.device())?;
+        let null = Tensor::full(
+            self.config.num_classes as u32,
+            classes.shape(),
+            classes.device(),
+        )?;
         Ok(cond.clone().with(CLASS_LABELS, null))
     }
 }

@@ -9,7 +9,11 @@ use candle_nn::{VarBuilder, VarMap};
 
 /// A VarBuilder over detached copies of `varmap`'s current values: a frozen snapshot (the
 /// teacher, or a fixed random network) that no optimiser and no gradient reaches.
-pub fn frozen_var_builder(varmap: &VarMap, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn frozen_var_builder(
+    varmap: &VarMap,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     let tensors = varmap
         .data()
         .lock()

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use adm_diffusion::{Schedule, ScheduleConfig};
 use adm_models::toy_mlp::CLASS_LABELS;
 use adm_models::{
-    copy_weights, frozen_var_builder, guided_prediction, varmap_tensors, Backbone, Condition, FeatureExtractor,
-    HeadSet, LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp, ToyMlp, ToyMlpConfig,
+    copy_weights, frozen_var_builder, guided_prediction, varmap_tensors, Backbone, Condition,
+    FeatureExtractor, HeadSet, LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp, ToyMlp,
+    ToyMlpConfig,
 };
 use adm_nn::{assert_every_var_has_grad, check_gradients, GradCheck, SeededVarMap};
 use candle_core::{DType, Device, Result, Tensor};
@@ -31,7 +32,8 @@ fn classes(ids: &[u32]) -> Result<Condition> {
 }
 
 fn inputs(dtype: DType) -> Result<(Tensor, Tensor)> {
-    let x = Tensor::new(&[[0.5f32, -1.0], [1.5, 0.25], [-0.3, 0.8]], &Device::Cpu)?.to_dtype(dtype)?;
+    let x =
+        Tensor::new(&[[0.5f32, -1.0], [1.5, 0.25], [-0.3, 0.8]], &Device::Cpu)?.to_dtype(dtype)?;
     let t = Tensor::new(&[10f32, 500., 990.], &Device::Cpu)?;
     Ok((x, t))
 }
@@ -39,19 +41,34 @@ fn inputs(dtype: DType) -> Result<(Tensor, Tensor)> {
 #[test]
 fn every_toy_mlp_var_gets_a_gradient() -> Result<()> {
     let vars = SeededVarMap::new(1);
-    let net = ToyMlp::new(vars.var_builder(DType::F32, &Device::Cpu), &config(), schedule())?;
+    let net = ToyMlp::new(
+        vars.var_builder(DType::F32, &Device::Cpu),
+        &config(),
+        schedule(),
+    )?;
     let (x, t) = inputs(DType::F32)?;
-    let loss = net.forward(&x, &t, &classes(&[0, 1, 3])?)?.sqr()?.sum_all()?;
+    let loss = net
+        .forward(&x, &t, &classes(&[0, 1, 3])?)?
+        .sqr()?
+        .sum_all()?;
     assert_every_var_has_grad(vars.varmap(), &loss.backward()?)
 }
 
 #[test]
 fn toy_mlp_input_gradient_matches_finite_differences() -> Result<()> {
     let vars = SeededVarMap::new(2);
-    let net = ToyMlp::new(vars.var_builder(DType::F64, &Device::Cpu), &config(), schedule())?;
+    let net = ToyMlp::new(
+        vars.var_builder(DType::F64, &Device::Cpu),
+        &config(),
+        schedule(),
+    )?;
     let (x, t) = inputs(DType::F64)?;
     let cond = classes(&[0, 2, 1])?;
-    let report = check_gradients(|xs| net.forward(&xs[0], &t, &cond), &[x], GradCheck::default())?;
+    let report = check_gradients(
+        |xs| net.forward(&xs[0], &t, &cond),
+        &[x],
+        GradCheck::default(),
+    )?;
     assert_eq!(report.probes, 6);
     Ok(())
 }
@@ -59,7 +76,11 @@ fn toy_mlp_input_gradient_matches_finite_differences() -> Result<()> {
 #[test]
 fn features_are_the_block_outputs_and_bad_taps_are_named() -> Result<()> {
     let vars = SeededVarMap::new(3);
-    let net = ToyMlp::new(vars.var_builder(DType::F32, &Device::Cpu), &config(), schedule())?;
+    let net = ToyMlp::new(
+        vars.var_builder(DType::F32, &Device::Cpu),
+        &config(),
+        schedule(),
+    )?;
     let (x, t) = inputs(DType::F32)?;
     let cond = classes(&[0, 1, 2])?;
     let taps = vec!["blocks.1".to_string(), "blocks.0".to_string()];
@@ -67,9 +88,14 @@ fn features_are_the_block_outputs_and_bad_taps_are_named() -> Result<()> {
     assert_eq!(features.len(), 2);
     assert_eq!(features[0].dims(), &[3, 8]);
     // Tap order is honoured: blocks.0 differs from blocks.1.
-    let diff = (&features[0] - &features[1])?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    let diff = (&features[0] - &features[1])?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
     assert!(diff > 0.0);
-    let err = net.features(&x, &t, &cond, &["blocks.7".to_string()]).unwrap_err();
+    let err = net
+        .features(&x, &t, &cond, &["blocks.7".to_string()])
+        .unwrap_err();
     assert!(err.to_string().contains("blocks.7"), "{err}");
     let err = net.forward(&x, &t, &classes(&[0, 9, 1])?).unwrap_err();
     assert!(err.to_string().contains("class 9"), "{err}");
@@ -79,7 +105,11 @@ fn features_are_the_block_outputs_and_bad_taps_are_named() -> Result<()> {
 #[test]
 fn guidance_scale_one_is_the_conditional_prediction_and_scale_extrapolates() -> Result<()> {
     let vars = SeededVarMap::new(4);
-    let net = ToyMlp::new(vars.var_builder(DType::F64, &Device::Cpu), &config(), schedule())?;
+    let net = ToyMlp::new(
+        vars.var_builder(DType::F64, &Device::Cpu),
+        &config(),
+        schedule(),
+    )?;
     let (x, t) = inputs(DType::F64)?;
     let cond = classes(&[0, 1, 2])?;
     let conditional = net.forward(&x, &t, &cond)?;
@@ -107,7 +137,11 @@ fn head_set_gradients_match_finite_differences() -> Result<()> {
 #[test]
 fn latent_discriminator_trains_heads_only_and_passes_gradient_to_its_input() -> Result<()> {
     let teacher_vars = SeededVarMap::new(6);
-    ToyMlp::new(teacher_vars.var_builder(DType::F32, &Device::Cpu), &config(), schedule())?;
+    ToyMlp::new(
+        teacher_vars.var_builder(DType::F32, &Device::Cpu),
+        &config(),
+        schedule(),
+    )?;
     let teacher = ToyMlp::new(
         frozen_var_builder(teacher_vars.varmap(), DType::F32, &Device::Cpu)?,
         &config(),
@@ -115,19 +149,34 @@ fn latent_discriminator_trains_heads_only_and_passes_gradient_to_its_input() -> 
     )?;
     let heads = SeededVarMap::new(7);
     let taps = vec!["blocks.0".to_string(), "blocks.1".to_string()];
-    let discriminator = LatentDiscriminator::new(Arc::new(teacher), &taps, 4, heads.var_builder(DType::F32, &Device::Cpu))?;
+    let discriminator = LatentDiscriminator::new(
+        Arc::new(teacher),
+        &taps,
+        4,
+        heads.var_builder(DType::F32, &Device::Cpu),
+    )?;
     let (x, t) = inputs(DType::F32)?;
     let x = candle_core::Var::from_tensor(&x)?;
     let logits = discriminator.logits(x.as_tensor(), &t, &classes(&[0, 1, 2])?)?;
     assert_eq!(logits.dims(), &[3]);
     let grads = logits.sum_all()?.backward()?;
     assert_every_var_has_grad(heads.varmap(), &grads)?;
-    assert!(grads.get(x.as_tensor()).is_some(), "no gradient reached the discriminator input");
+    assert!(
+        grads.get(x.as_tensor()).is_some(),
+        "no gradient reached the discriminator input"
+    );
     for var in teacher_vars.varmap().all_vars() {
-        assert!(grads.get(var.as_tensor()).is_none(), "the frozen teacher received a gradient");
+        assert!(
+            grads.get(var.as_tensor()).is_none(),
+            "the frozen teacher received a gradient"
+        );
     }
     let err = LatentDiscriminator::new(
-        Arc::new(ToyMlp::new(teacher_vars.var_builder(DType::F32, &Device::Cpu), &config(), schedule())?),
+        Arc::new(ToyMlp::new(
+            teacher_vars.var_builder(DType::F32, &Device::Cpu),
+            &config(),
+            schedule(),
+        )?),
         &["mid".to_string()],
         4,
         heads.var_builder(DType::F32, &Device::Cpu),
@@ -142,10 +191,19 @@ fn latent_discriminator_trains_heads_only_and_passes_gradient_to_its_input() -> 
 fn pixel_discriminator_every_head_var_gets_a_gradient() -> Result<()> {
     let backbone_vars = SeededVarMap::new(8);
     RandomFeatureMlp::new(2, 6, 2, backbone_vars.var_builder(DType::F32, &Device::Cpu))?;
-    let extractor = RandomFeatureMlp::new(2, 6, 2, frozen_var_builder(backbone_vars.varmap(), DType::F32, &Device::Cpu)?)?;
+    let extractor = RandomFeatureMlp::new(
+        2,
+        6,
+        2,
+        frozen_var_builder(backbone_vars.varmap(), DType::F32, &Device::Cpu)?,
+    )?;
     assert_eq!(extractor.feature_channels(), vec![6, 6]);
     let heads = SeededVarMap::new(9);
-    let discriminator = PixelDiscriminator::new(Arc::new(extractor), 4, heads.var_builder(DType::F32, &Device::Cpu))?;
+    let discriminator = PixelDiscriminator::new(
+        Arc::new(extractor),
+        4,
+        heads.var_builder(DType::F32, &Device::Cpu),
+    )?;
     let (x, _) = inputs(DType::F32)?;
     let grads = discriminator.logits(&x)?.sum_all()?.backward()?;
     assert_every_var_has_grad(heads.varmap(), &grads)
@@ -154,29 +212,56 @@ fn pixel_discriminator_every_head_var_gets_a_gradient() -> Result<()> {
 #[test]
 fn copy_weights_copies_and_names_bad_tensors() -> Result<()> {
     let source = SeededVarMap::new(10);
-    ToyMlp::new(source.var_builder(DType::F32, &Device::Cpu), &config(), schedule())?;
+    ToyMlp::new(
+        source.var_builder(DType::F32, &Device::Cpu),
+        &config(),
+        schedule(),
+    )?;
     let target = SeededVarMap::new(11);
-    ToyMlp::new(target.var_builder(DType::F32, &Device::Cpu), &config(), schedule())?;
+    ToyMlp::new(
+        target.var_builder(DType::F32, &Device::Cpu),
+        &config(),
+        schedule(),
+    )?;
     let weights = varmap_tensors(source.varmap());
     copy_weights(&weights, target.varmap())?;
     let copied = varmap_tensors(target.varmap());
     for (name, tensor) in &weights {
-        assert_eq!(tensor.flatten_all()?.to_vec1::<f32>()?, copied[name].flatten_all()?.to_vec1::<f32>()?, "{name}");
+        assert_eq!(
+            tensor.flatten_all()?.to_vec1::<f32>()?,
+            copied[name].flatten_all()?.to_vec1::<f32>()?,
+            "{name}"
+        );
     }
 
     let mut wrong_shape: HashMap<String, Tensor> = weights.clone();
-    wrong_shape.insert("proj_in.weight".into(), Tensor::zeros((3, 3), DType::F32, &Device::Cpu)?);
-    let err = copy_weights(&wrong_shape, target.varmap()).unwrap_err().to_string();
-    assert!(err.contains("proj_in.weight") && err.contains("[3, 3]") && err.contains("[8, 2]"), "{err}");
+    wrong_shape.insert(
+        "proj_in.weight".into(),
+        Tensor::zeros((3, 3), DType::F32, &Device::Cpu)?,
+    );
+    let err = copy_weights(&wrong_shape, target.varmap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("proj_in.weight") && err.contains("[3, 3]") && err.contains("[8, 2]"),
+        "{err}"
+    );
 
     let mut missing = weights.clone();
     missing.remove("proj_out.bias");
-    let err = copy_weights(&missing, target.varmap()).unwrap_err().to_string();
+    let err = copy_weights(&missing, target.varmap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing tensor `proj_out.bias`"), "{err}");
 
     let mut extra = weights;
-    extra.insert("extra.weight".into(), Tensor::zeros(1, DType::F32, &Device::Cpu)?);
-    let err = copy_weights(&extra, target.varmap()).unwrap_err().to_string();
+    extra.insert(
+        "extra.weight".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+    );
+    let err = copy_weights(&extra, target.varmap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("extra.weight"), "{err}");
     Ok(())
 }
@@ -185,7 +270,10 @@ fn copy_weights_copies_and_names_bad_tensors() -> Result<()> {
 fn condition_errors_name_the_missing_tensor() -> Result<()> {
     let cond = classes(&[0])?;
     let err = cond.get("encoder_hidden_states").unwrap_err().to_string();
-    assert!(err.contains("encoder_hidden_states") && err.contains(CLASS_LABELS), "{err}");
+    assert!(
+        err.contains("encoder_hidden_states") && err.contains(CLASS_LABELS),
+        "{err}"
+    );
     let both = cond.cat(&classes(&[2])?)?;
     assert_eq!(both.get(CLASS_LABELS)?.to_vec1::<u32>()?, vec![0, 2]);
     Ok(())

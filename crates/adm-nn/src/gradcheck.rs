@@ -142,7 +142,13 @@ pub fn assert_every_var_has_grad(varmap: &VarMap, grads: &GradStore) -> Result<(
     for name in names {
         let var = &data[name];
         let nonzero = match grads.get(var.as_tensor()) {
-            Some(g) => g.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? > 0.0,
+            Some(g) => {
+                g.abs()?
+                    .max_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?
+                    > 0.0
+            }
             None => false,
         };
         if !nonzero {

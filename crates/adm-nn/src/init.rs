@@ -72,7 +72,14 @@ impl SeededVarMap {
 }
 
 impl SimpleBackend for SeededVarMap {
-    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
         let mut data = self.varmap.data().lock().unwrap();
         if let Some(var) = data.get(name) {
             if var.shape() != &shape {
@@ -92,7 +99,9 @@ impl SimpleBackend for SeededVarMap {
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
-        candle_core::bail!("SeededVarMap creates Vars with a shape; {name} was requested without one")
+        candle_core::bail!(
+            "SeededVarMap creates Vars with a shape; {name} was requested without one"
+        )
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

@@ -12,10 +12,10 @@ pub mod upsample;
 #[cfg(test)]
 mod test_util;
 
-pub use gradcheck::{assert_every_var_has_grad, check_gradients, GradCheck, GradReport};
-pub use init::{derive_seed, randn, SeededVarMap};
 pub use attention::scaled_dot_product_attention;
 pub use conv3d::{conv3d, conv3d_forward, conv3d_no_bias, Conv3d, Conv3dConfig, TemporalPadding};
+pub use gradcheck::{assert_every_var_has_grad, check_gradients, GradCheck, GradReport};
+pub use init::{derive_seed, randn, SeededVarMap};
 pub use ops::layers::{layer_norm, rms_norm};
 pub use ops::{log_softmax, softmax, LayerNorm, RmsNorm};
 pub use rope::{apply_rotary_emb, rope_cos_sin, RopeLayout};

@@ -298,10 +298,14 @@ impl ToyRunConfig {
         }
         for (key, dist) in [
             ("adp.generator_timesteps", &self.adp.generator_timesteps),
-            ("adp.discriminator_timesteps", &self.adp.discriminator_timesteps),
+            (
+                "adp.discriminator_timesteps",
+                &self.adp.discriminator_timesteps,
+            ),
             ("dmd.timesteps", &self.dmd.timesteps),
         ] {
-            dist.validate().with_context(|| format!("config key `{key}`"))?;
+            dist.validate()
+                .with_context(|| format!("config key `{key}`"))?;
         }
         adm_data::toy::GaussianMixture::new(&self.data).context("config section `data`")?;
         adm_diffusion::Schedule::new(&self.schedule).context("config section `schedule`")?;
@@ -321,14 +325,22 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
         Err(_) => toml::Value::String(raw.trim().to_string()),
     };
     let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().filter(|k| !k.is_empty()).with_context(|| format!("--set {assignment}: empty key"))?;
+    let last = parts
+        .pop()
+        .filter(|k| !k.is_empty())
+        .with_context(|| format!("--set {assignment}: empty key"))?;
     let mut node = table;
     for (depth, part) in parts.iter().enumerate() {
         node = node
             .entry(part.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
-            .with_context(|| format!("--set {key}: `{}` is not a table", parts[..=depth].join(".")))?;
+            .with_context(|| {
+                format!(
+                    "--set {key}: `{}` is not a table",
+                    parts[..=depth].join(".")
+                )
+            })?;
     }
     node.insert(last.to_string(), value);
     Ok(())
@@ -396,11 +408,18 @@ mod tests {
     fn overrides_reach_nested_fields() {
         let config = ToyRunConfig::load(
             None,
-            &["adm.steps=7".into(), "data.layout={kind=\"grid\", rows=2, cols=4, spacing=1.0}".into(), "run_dir=/tmp/x".into()],
+            &[
+                "adm.steps=7".into(),
+                "data.layout={kind=\"grid\", rows=2, cols=4, spacing=1.0}".into(),
+                "run_dir=/tmp/x".into(),
+            ],
         )
         .unwrap();
         assert_eq!(config.adm.steps, 7);
         assert_eq!(config.run_dir, PathBuf::from("/tmp/x"));
-        assert!(matches!(config.data.layout, adm_data::toy::MixtureLayout::Grid { rows: 2, .. }));
+        assert!(matches!(
+            config.data.layout,
+            adm_data::toy::MixtureLayout::Grid { rows: 2, .. }
+        ));
     }
 }

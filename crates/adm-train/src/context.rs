@@ -72,7 +72,11 @@ impl ToyContext {
 
     /// Per-sample timesteps as a (B,) tensor.
     pub fn timesteps(&self, t: &[f64]) -> candle_core::Result<Tensor> {
-        Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), t.len(), &self.device)
+        Tensor::from_vec(
+            t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            t.len(),
+            &self.device,
+        )
     }
 }
 
@@ -84,9 +88,11 @@ pub fn class_condition(classes: Tensor) -> Condition {
 pub fn progress(name: &str, len: usize) -> ProgressBar {
     let bar = ProgressBar::new(len as u64).with_prefix(name.to_string());
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>16} [{bar:28}] {pos:>5}/{len} {per_sec:>9} eta {eta:>3} {msg}")
-            .expect("the template is valid")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>16} [{bar:28}] {pos:>5}/{len} {per_sec:>9} eta {eta:>3} {msg}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
     );
     bar
 }
@@ -101,7 +107,8 @@ impl StageLog {
         let dir = ctx.path("logs");
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.jsonl", stage.replace('+', "-")));
-        let file = File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        let file =
+            File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(Self {
             out: BufWriter::new(file),
         })

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use adm_data::store::StoreReader;
 use adm_losses as losses;
 use adm_models::{
-    frozen_var_builder, guided_x0_eps, guided_prediction, predict_x0_eps, varmap_tensors, Backbone, Condition,
-    LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp, ToyMlp,
+    frozen_var_builder, guided_prediction, guided_x0_eps, predict_x0_eps, varmap_tensors, Backbone,
+    Condition, LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp, ToyMlp,
 };
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -29,7 +29,12 @@ pub struct StageOutcome {
 }
 
 /// The student architecture: the teacher's network, initialised from `init`.
-pub fn new_student(ctx: &ToyContext, stream: &str, init: &HashMap<String, Tensor>, steps: Vec<f64>) -> Result<Student<ToyMlp>> {
+pub fn new_student(
+    ctx: &ToyContext,
+    stream: &str,
+    init: &HashMap<String, Tensor>,
+    steps: Vec<f64>,
+) -> Result<Student<ToyMlp>> {
     Ok(Student {
         model: trainable_net(ctx, stream, init)?,
         output: ctx.config.student.output,
@@ -37,9 +42,15 @@ pub fn new_student(ctx: &ToyContext, stream: &str, init: &HashMap<String, Tensor
     })
 }
 
-fn trainable_net(ctx: &ToyContext, stream: &str, init: &HashMap<String, Tensor>) -> Result<Trainable<ToyMlp>> {
+fn trainable_net(
+    ctx: &ToyContext,
+    stream: &str,
+    init: &HashMap<String, Tensor>,
+) -> Result<Trainable<ToyMlp>> {
     let seed = adm_nn::derive_seed(ctx.config.seed, stream);
-    Ok(Trainable::from_weights(seed, &ctx.device, init, |vb| ctx.build_net(vb))?)
+    Ok(Trainable::from_weights(seed, &ctx.device, init, |vb| {
+        ctx.build_net(vb)
+    })?)
 }
 
 fn fresh_vars(ctx: &ToyContext, stream: &str) -> adm_nn::SeededVarMap {
@@ -71,9 +82,15 @@ impl<'a> PairFeed<'a> {
         let mut indices = Vec::with_capacity(batch);
         while indices.len() < batch {
             if self.cursor == self.order.len() {
-                self.order = self.reader.epoch_indices(self.seed, self.epoch, 0, 1);
+                self.order = self.reader.epoch_indices(self.seed, self.epoch, 0, 1)?;
                 self.epoch += 1;
                 self.cursor = 0;
+                if self.order.is_empty() {
+                    anyhow::bail!(
+                        "the ODE-pair store {} has no readable pair",
+                        self.reader.dir().display()
+                    );
+                }
             }
             let take = (batch - indices.len()).min(self.order.len() - self.cursor);
             indices.extend_from_slice(&self.order[self.cursor..self.cursor + take]);
@@ -94,17 +111,31 @@ fn line_times(dist: &adm_diffusion::TimestepDistribution, n: usize, rng: &mut St
 }
 
 /// Schedule timesteps from a unit-time distribution.
-fn schedule_times(ctx: &ToyContext, dist: &adm_diffusion::TimestepDistribution, n: usize, rng: &mut StdRng) -> Result<Tensor> {
+fn schedule_times(
+    ctx: &ToyContext,
+    dist: &adm_diffusion::TimestepDistribution,
+    n: usize,
+    rng: &mut StdRng,
+) -> Result<Tensor> {
     Ok(ctx.timesteps(&dist.sample(&ctx.schedule, n, rng))?)
 }
 
 /// A1: regression of x0 on ODE pairs at line times drawn like ADP's (MSE pre-training).
-pub fn mse_pretrain(ctx: &ToyContext, teacher: &Teacher, pairs: &StoreReader) -> Result<StageOutcome> {
+pub fn mse_pretrain(
+    ctx: &ToyContext,
+    teacher: &Teacher,
+    pairs: &StoreReader,
+) -> Result<StageOutcome> {
     let cfg = &ctx.config.mse;
     let batch = ctx.config.student.batch_size;
     let mut rng = ctx.rng("mse");
     let student = new_student(ctx, "mse-generator", &teacher.weights, vec![1.0])?;
-    let mut opt = Optimizer::new("generator", student.model.varmap(), cfg.learning_rate, ctx.config.student.grad_clip)?;
+    let mut opt = Optimizer::new(
+        "generator",
+        student.model.varmap(),
+        cfg.learning_rate,
+        ctx.config.student.grad_clip,
+    )?;
     let mut feed = PairFeed::new(pairs, adm_nn::derive_seed(ctx.config.seed, "mse-pairs"));
     let mut log = StageLog::create(ctx, "mse")?;
     let bar = progress("mse", cfg.steps);
@@ -114,7 +145,10 @@ pub fn mse_pretrain(ctx: &ToyContext, teacher: &Teacher, pairs: &StoreReader) ->
         let prediction = student.x0_from_line(&line_point(&x0, &noise, &s)?, &s, &cond)?;
         let stats = opt.step(&losses::mse(&prediction, &x0)?)?;
         if step % 50 == 0 {
-            log.record(step, &[("loss", stats.loss), ("grad_norm", stats.grad_norm)])?;
+            log.record(
+                step,
+                &[("loss", stats.loss), ("grad_norm", stats.grad_norm)],
+            )?;
             bar.set_message(format!("mse {:.4}", stats.loss));
         }
         bar.inc(1);
@@ -152,15 +186,29 @@ impl AdpNetworks {
         // Drawing the random pixel backbone in a seeded map, then reading it back frozen,
         // keeps it out of every optimiser and every gradient.
         let pixel_vars = fresh_vars(ctx, "adp-pixel-backbone");
-        let build_pixel = |vb| RandomFeatureMlp::new(ctx.model.in_channels, cfg.pixel_width, cfg.pixel_depth, vb);
+        let build_pixel =
+            |vb| RandomFeatureMlp::new(ctx.model.in_channels, cfg.pixel_width, cfg.pixel_depth, vb);
         build_pixel(pixel_vars.var_builder(DType::F32, &ctx.device))?;
-        let pixel_backbone = build_pixel(frozen_var_builder(pixel_vars.varmap(), DType::F32, &ctx.device)?)?;
+        let pixel_backbone = build_pixel(frozen_var_builder(
+            pixel_vars.varmap(),
+            DType::F32,
+            &ctx.device,
+        )?)?;
         let heads = fresh_vars(ctx, "adp-heads");
         let heads_vb = heads.var_builder(DType::F32, &ctx.device);
         Ok(Self {
             student: new_student(ctx, "adp-generator", &teacher.weights, vec![1.0])?,
-            latent: LatentDiscriminator::new(teacher.net.clone(), &cfg.taps, cfg.head_hidden, heads_vb.pp("latent"))?,
-            pixel: PixelDiscriminator::new(Arc::new(pixel_backbone), cfg.head_hidden, heads_vb.pp("pixel"))?,
+            latent: LatentDiscriminator::new(
+                teacher.net.clone(),
+                &cfg.taps,
+                cfg.head_hidden,
+                heads_vb.pp("latent"),
+            )?,
+            pixel: PixelDiscriminator::new(
+                Arc::new(pixel_backbone),
+                cfg.head_hidden,
+                heads_vb.pp("pixel"),
+            )?,
             heads,
         })
     }
@@ -170,7 +218,9 @@ impl AdpNetworks {
         let n = ctx.config.student.batch_size;
         let (noise, x0, cond) = feed.next(ctx, n)?;
         let s = line_times(&cfg.generator_timesteps, n, rng);
-        let fake_x0 = self.student.x0_from_line(&line_point(&x0, &noise, &s)?, &s, &cond)?;
+        let fake_x0 = self
+            .student
+            .x0_from_line(&line_point(&x0, &noise, &s)?, &s, &cond)?;
         // Real and fake are re-noised with the same fresh noise at the same times.
         let t = schedule_times(ctx, &cfg.discriminator_timesteps, n, rng)?;
         let eps = ctx.noise(n, rng)?;
@@ -218,8 +268,18 @@ pub fn adp(ctx: &ToyContext, teacher: &Teacher, pairs: &StoreReader) -> Result<S
     let clip = ctx.config.student.grad_clip;
     let mut rng = ctx.rng("adp");
     let nets = AdpNetworks::new(ctx, teacher)?;
-    let mut opt_g = Optimizer::new("generator", nets.student.model.varmap(), cfg.lr_generator, clip)?;
-    let mut opt_d = Optimizer::new("discriminator", nets.heads.varmap(), cfg.lr_discriminator, clip)?;
+    let mut opt_g = Optimizer::new(
+        "generator",
+        nets.student.model.varmap(),
+        cfg.lr_generator,
+        clip,
+    )?;
+    let mut opt_d = Optimizer::new(
+        "discriminator",
+        nets.heads.varmap(),
+        cfg.lr_discriminator,
+        clip,
+    )?;
     let mut feed = PairFeed::new(pairs, adm_nn::derive_seed(ctx.config.seed, "adp-pairs"));
     let mut log = StageLog::create(ctx, "adp")?;
     let bar = progress("adp", cfg.steps);
@@ -228,7 +288,14 @@ pub fn adp(ctx: &ToyContext, teacher: &Teacher, pairs: &StoreReader) -> Result<S
         let g = opt_g.step(&nets.generator_loss(ctx, &batch)?)?;
         let d = opt_d.step(&nets.discriminator_loss(ctx, &batch)?)?;
         if step % 50 == 0 {
-            log.record(step, &[("loss_g", g.loss), ("loss_d", d.loss), ("grad_norm_g", g.grad_norm)])?;
+            log.record(
+                step,
+                &[
+                    ("loss_g", g.loss),
+                    ("loss_d", d.loss),
+                    ("grad_norm_g", g.grad_norm),
+                ],
+            )?;
             bar.set_message(format!("g {:.3} d {:.3}", g.loss, d.loss));
         }
         bar.inc(1);
@@ -265,7 +332,9 @@ impl ScoreDistillation<'_> {
     fn noised(&mut self, x0: &Tensor, t_min: f64) -> Result<(Tensor, Tensor, Tensor)> {
         let n = x0.dim(0)?;
         let t_max = self.ctx.schedule.t_max();
-        let t: Vec<f64> = (0..n).map(|_| self.rng.random_range(t_min..=t_max)).collect();
+        let t: Vec<f64> = (0..n)
+            .map(|_| self.rng.random_range(t_min..=t_max))
+            .collect();
         let t = self.ctx.timesteps(&t)?;
         let eps = self.ctx.noise(n, &mut self.rng)?;
         let x_t = self.ctx.schedule.add_noise(x0, &eps, &t)?;
@@ -278,30 +347,50 @@ impl ScoreDistillation<'_> {
         let x0 = x0.detach();
         let (x_t, t, eps) = self.noised(&x0, 0.0)?;
         let prediction = self.fake.net.forward(&x_t, &t, &cond)?;
-        Ok(losses::denoising(&self.ctx.schedule, &prediction, &x0, &eps, &t)?)
+        Ok(losses::denoising(
+            &self.ctx.schedule,
+            &prediction,
+            &x0,
+            &eps,
+            &t,
+        )?)
     }
 
     /// ADM's generator loss -D(x_s^fake, s): x_s^fake = step(f_psi, x_t, t -> t - dt) carries
     /// the gradient into x_t and theta. Also returns the detached student batch for probes.
-    fn adm_generator_loss(&mut self, discriminator: &LatentDiscriminator, delta_t: f64) -> Result<(Tensor, Tensor, Condition)> {
+    fn adm_generator_loss(
+        &mut self,
+        discriminator: &LatentDiscriminator,
+        delta_t: f64,
+    ) -> Result<(Tensor, Tensor, Condition)> {
         let (x0, cond) = self.student_batch()?;
         let (x_t, t, _) = self.noised(&x0, delta_t)?;
         let s = t.affine(1.0, -delta_t)?;
         let fake_prediction = self.fake.net.forward(&x_t, &t, &cond)?;
-        let loss = losses::adm_generator(&self.ctx.schedule, &fake_prediction, &x_t, &t, &s, |x, s| {
-            discriminator.logits(x, s, &cond)
-        })?;
+        let loss = losses::adm_generator(
+            &self.ctx.schedule,
+            &fake_prediction,
+            &x_t,
+            &t,
+            &s,
+            |x, s| discriminator.logits(x, s, &cond),
+        )?;
         Ok((loss, x0.detach(), cond))
     }
 
     /// ADM's hinge discriminator loss on teacher-CFG and fake-score flow steps from the same
     /// detached x_t.
-    fn adm_discriminator_loss(&mut self, discriminator: &LatentDiscriminator, delta_t: f64) -> Result<Tensor> {
+    fn adm_discriminator_loss(
+        &mut self,
+        discriminator: &LatentDiscriminator,
+        delta_t: f64,
+    ) -> Result<Tensor> {
         let (x0, cond) = self.student_batch()?;
         let (x_t, t, _) = self.noised(&x0.detach(), delta_t)?;
         let s = t.affine(1.0, -delta_t)?;
         let cfg = self.ctx.config.teacher.cfg_scale;
-        let real_prediction = guided_prediction(self.teacher.net.as_ref(), &x_t, &t, &cond, cfg)?.detach();
+        let real_prediction =
+            guided_prediction(self.teacher.net.as_ref(), &x_t, &t, &cond, cfg)?.detach();
         let fake_prediction = self.fake.net.forward(&x_t, &t, &cond)?.detach();
         Ok(losses::adm_discriminator(
             &self.ctx.schedule,
@@ -321,8 +410,12 @@ impl ScoreDistillation<'_> {
         let eps = self.ctx.noise(x0.dim(0)?, &mut self.rng)?;
         let x_t = self.ctx.schedule.add_noise(&x0.detach(), &eps, &t)?;
         let cfg = self.ctx.config.teacher.cfg_scale;
-        let p_real = guided_x0_eps(self.teacher.net.as_ref(), &x_t, &t, cond, cfg)?.0.detach();
-        let p_fake = predict_x0_eps(self.fake.net.as_ref(), &x_t, &t, cond)?.0.detach();
+        let p_real = guided_x0_eps(self.teacher.net.as_ref(), &x_t, &t, cond, cfg)?
+            .0
+            .detach();
+        let p_fake = predict_x0_eps(self.fake.net.as_ref(), &x_t, &t, cond)?
+            .0
+            .detach();
         Ok(losses::dmd(x0, &p_real, &p_fake)?)
     }
 
@@ -351,11 +444,21 @@ fn score_distillation<'a>(
 }
 
 /// DMD (DMD2's normalised distribution-matching gradient), from `init`.
-pub fn dmd(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<String, Tensor>) -> Result<StageOutcome> {
+pub fn dmd(
+    ctx: &ToyContext,
+    teacher: &Teacher,
+    name: &str,
+    init: &HashMap<String, Tensor>,
+) -> Result<StageOutcome> {
     let cfg = &ctx.config.dmd;
     let clip = ctx.config.student.grad_clip;
     let mut run = score_distillation(ctx, teacher, name, init, vec![1.0])?;
-    let mut opt_g = Optimizer::new("generator", run.student.model.varmap(), cfg.lr_generator, clip)?;
+    let mut opt_g = Optimizer::new(
+        "generator",
+        run.student.model.varmap(),
+        cfg.lr_generator,
+        clip,
+    )?;
     let mut opt_f = Optimizer::new("fake-score", run.fake.varmap(), cfg.lr_fake, clip)?;
     let mut log = StageLog::create(ctx, name)?;
     let mut trace = Vec::new();
@@ -370,7 +473,14 @@ pub fn dmd(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<Strin
         let g = opt_g.step(&loss)?;
         if step % ctx.config.eval.probe_every == 0 {
             trace.push((step, g.loss));
-            log.record(step, &[("dmd", g.loss), ("fake_score", fake_loss), ("grad_norm_g", g.grad_norm)])?;
+            log.record(
+                step,
+                &[
+                    ("dmd", g.loss),
+                    ("fake_score", fake_loss),
+                    ("grad_norm_g", g.grad_norm),
+                ],
+            )?;
             bar.set_message(format!("dmd {:.4} fake {:.4}", g.loss, fake_loss));
         }
         bar.inc(1);
@@ -380,7 +490,11 @@ pub fn dmd(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<Strin
 }
 
 /// D_tau of ADM: the teacher with fresh heads on `adm.taps`.
-fn adm_discriminator(ctx: &ToyContext, teacher: &Teacher, name: &str) -> Result<(adm_nn::SeededVarMap, LatentDiscriminator)> {
+fn adm_discriminator(
+    ctx: &ToyContext,
+    teacher: &Teacher,
+    name: &str,
+) -> Result<(adm_nn::SeededVarMap, LatentDiscriminator)> {
     let cfg = &ctx.config.adm;
     let heads = fresh_vars(ctx, &format!("{name}-heads"));
     let discriminator = LatentDiscriminator::new(
@@ -394,13 +508,24 @@ fn adm_discriminator(ctx: &ToyContext, teacher: &Teacher, name: &str) -> Result<
 
 /// ADM: adversarial distribution matching (paper Sec. 3.2) from `init`, with `steps` line
 /// times (one entry = one-step student).
-pub fn adm(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<String, Tensor>, steps: Vec<f64>) -> Result<StageOutcome> {
+pub fn adm(
+    ctx: &ToyContext,
+    teacher: &Teacher,
+    name: &str,
+    init: &HashMap<String, Tensor>,
+    steps: Vec<f64>,
+) -> Result<StageOutcome> {
     let cfg = &ctx.config.adm;
     let clip = ctx.config.student.grad_clip;
     let delta_t = ctx.schedule.delta_t(cfg.flow_divisions);
     let mut run = score_distillation(ctx, teacher, name, init, steps)?;
     let (heads, discriminator) = adm_discriminator(ctx, teacher, name)?;
-    let mut opt_g = Optimizer::new("generator", run.student.model.varmap(), cfg.lr_generator, clip)?;
+    let mut opt_g = Optimizer::new(
+        "generator",
+        run.student.model.varmap(),
+        cfg.lr_generator,
+        clip,
+    )?;
     let mut opt_f = Optimizer::new("fake-score", run.fake.varmap(), cfg.lr_fake, clip)?;
     let mut opt_d = Optimizer::new("discriminator", heads.varmap(), cfg.lr_discriminator, clip)?;
     let mut log = StageLog::create(ctx, name)?;
@@ -420,14 +545,22 @@ pub fn adm(ctx: &ToyContext, teacher: &Teacher, name: &str, init: &HashMap<Strin
         };
         let mut d_loss = 0.0;
         for _ in 0..cfg.ttur {
-            d_loss = opt_d.step(&run.adm_discriminator_loss(&discriminator, delta_t)?)?.loss;
+            d_loss = opt_d
+                .step(&run.adm_discriminator_loss(&discriminator, delta_t)?)?
+                .loss;
         }
 
         if let Some(dmd) = probe {
             trace.push((step, dmd));
             log.record(
                 step,
-                &[("loss_g", g.loss), ("loss_d", d_loss), ("fake_score", fake_loss), ("dmd", dmd), ("grad_norm_g", g.grad_norm)],
+                &[
+                    ("loss_g", g.loss),
+                    ("loss_d", d_loss),
+                    ("fake_score", fake_loss),
+                    ("dmd", dmd),
+                    ("grad_norm_g", g.grad_norm),
+                ],
             )?;
             bar.set_message(format!("g {:.3} d {:.3} dmd {:.4}", g.loss, d_loss, dmd));
         }
@@ -475,20 +608,27 @@ mod tests {
     /// An untrained teacher: gradient coverage does not depend on training.
     pub(crate) fn random_teacher(ctx: &ToyContext) -> Teacher {
         let vars = adm_nn::SeededVarMap::new(99);
-        ctx.build_net(vars.var_builder(DType::F32, &ctx.device)).unwrap();
+        ctx.build_net(vars.var_builder(DType::F32, &ctx.device))
+            .unwrap();
         Teacher::from_weights(ctx, varmap_tensors(vars.varmap())).unwrap()
     }
 
     fn assert_teacher_untouched(teacher: &Teacher, grads: &candle_core::backprop::GradStore) {
         for tensor in teacher.weights.values() {
-            assert!(grads.get(tensor).is_none(), "the frozen teacher received a gradient");
+            assert!(
+                grads.get(tensor).is_none(),
+                "the frozen teacher received a gradient"
+            );
         }
     }
 
     #[test]
     fn score_distillation_losses_reach_every_var() -> Result<()> {
         for output in ["velocity", "native"] {
-            let ctx = tiny_context(&format!("score-{output}"), &[&format!("student.output=\"{output}\"")]);
+            let ctx = tiny_context(
+                &format!("score-{output}"),
+                &[&format!("student.output=\"{output}\"")],
+            );
             let teacher = random_teacher(&ctx);
             let mut run = score_distillation(&ctx, &teacher, "adm", &teacher.weights, vec![1.0])?;
             let (heads, discriminator) = adm_discriminator(&ctx, &teacher, "adm")?;
@@ -502,10 +642,15 @@ mod tests {
             assert_every_var_has_grad(run.student.model.varmap(), &grads)?;
             assert_teacher_untouched(&teacher, &grads);
 
-            let grads = run.adm_discriminator_loss(&discriminator, delta_t)?.backward()?;
+            let grads = run
+                .adm_discriminator_loss(&discriminator, delta_t)?
+                .backward()?;
             assert_every_var_has_grad(heads.varmap(), &grads)?;
             for var in run.student.model.varmap().all_vars() {
-                assert!(grads.get(var.as_tensor()).is_none(), "the discriminator loss reached the generator");
+                assert!(
+                    grads.get(var.as_tensor()).is_none(),
+                    "the discriminator loss reached the generator"
+                );
             }
 
             let (x0_live, cond_live) = run.student_batch()?;
@@ -527,7 +672,10 @@ mod tests {
         // The step is drawn per batch: enough draws cover every step with near certainty.
         for _ in 0..12 {
             let (x0, _) = run.student_batch()?;
-            assert_every_var_has_grad(run.student.model.varmap(), &x0.sqr()?.sum_all()?.backward()?)?;
+            assert_every_var_has_grad(
+                run.student.model.varmap(),
+                &x0.sqr()?.sum_all()?.backward()?,
+            )?;
         }
         Ok(())
     }

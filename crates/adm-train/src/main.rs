@@ -6,7 +6,10 @@ use anyhow::Result;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "Distil a diffusion model with ADM / DMDX (default: the 2D toy pipeline)")]
+#[command(
+    version,
+    about = "Distil a diffusion model with ADM / DMDX (default: the 2D toy pipeline)"
+)]
 struct Args {
     /// Run configuration (TOML). Default: the built-in configs/toy-2d.toml.
     #[arg(long)]
@@ -18,7 +21,9 @@ struct Args {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();

@@ -68,7 +68,11 @@ impl Optimizer {
         let mut squared = 0.0;
         for var in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
-                squared += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                squared += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         let grad_norm = squared.sqrt();
@@ -124,7 +128,10 @@ mod tests {
         assert!(!stats.skipped);
         // AdamW's first step moves each coordinate by lr whatever the gradient scale.
         let w_after = w.as_tensor().to_vec1::<f64>()?;
-        assert!(w_after.iter().all(|v| (v - 0.9).abs() < 1e-6), "{w_after:?}");
+        assert!(
+            w_after.iter().all(|v| (v - 0.9).abs() < 1e-6),
+            "{w_after:?}"
+        );
         Ok(())
     }
 

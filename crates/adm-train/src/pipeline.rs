@@ -36,7 +36,11 @@ pub struct ToyReport {
 }
 
 fn to_points(samples: &Tensor) -> Result<Vec<[f32; 2]>> {
-    Ok(samples.to_vec2::<f32>()?.into_iter().map(|p| [p[0], p[1]]).collect())
+    Ok(samples
+        .to_vec2::<f32>()?
+        .into_iter()
+        .map(|p| [p[0], p[1]])
+        .collect())
 }
 
 fn trace_ends(trace: &[(usize, f64)]) -> (Option<f64>, Option<f64>) {
@@ -45,7 +49,10 @@ fn trace_ends(trace: &[(usize, f64)]) -> (Option<f64>, Option<f64>) {
     }
     let k = (trace.len() / 5).max(1);
     let mean = |xs: &[(usize, f64)]| xs.iter().map(|x| x.1).sum::<f64>() / xs.len() as f64;
-    (Some(mean(&trace[..k])), Some(mean(&trace[trace.len() - k..])))
+    (
+        Some(mean(&trace[..k])),
+        Some(mean(&trace[trace.len() - k..])),
+    )
 }
 
 /// Runs the whole toy job.
@@ -60,15 +67,27 @@ pub fn run_toy(config: ToyRunConfig) -> Result<ToyReport> {
     let needs_pairs = methods
         .iter()
         .any(|m| matches!(m, Method::Mse | Method::Adp | Method::AdpDmd | Method::Dmdx));
-    let pairs = if needs_pairs { Some(collect_toy_pairs(&ctx, &teacher)?) } else { None };
-    let pairs = || pairs.as_ref().context("the ODE-pair store was not collected");
+    let pairs = if needs_pairs {
+        Some(collect_toy_pairs(&ctx, &teacher)?)
+    } else {
+        None
+    };
+    let pairs = || {
+        pairs
+            .as_ref()
+            .context("the ODE-pair store was not collected")
+    };
 
     // Fixed evaluation noise and classes, shared by every method.
     let mut eval_rng = ctx.rng("eval");
     let n = ctx.config.eval.samples;
     let eval_cond = ctx.classes(n, &mut eval_rng)?;
     let eval_noise = ctx.noise(n, &mut eval_rng)?;
-    let reference = to_points(&teacher.sample(&ctx, &ctx.noise(n, &mut ctx.rng("eval-reference"))?, &eval_cond)?)?;
+    let reference = to_points(&teacher.sample(
+        &ctx,
+        &ctx.noise(n, &mut ctx.rng("eval-reference"))?,
+        &eval_cond,
+    )?)?;
     let modes = ModeSet {
         means: ctx.mixture.means().to_vec(),
         std: ctx.mixture.std(),
@@ -93,7 +112,10 @@ pub fn run_toy(config: ToyRunConfig) -> Result<ToyReport> {
         let outcome = cached_stage(&ctx, method.name(), || {
             let mut adp_init = || -> Result<HashMap<String, Tensor>> {
                 if adp_weights.is_none() {
-                    adp_weights = Some(cached_stage(&ctx, "adp", || distill::adp(&ctx, &teacher, pairs()?))?.weights);
+                    adp_weights = Some(
+                        cached_stage(&ctx, "adp", || distill::adp(&ctx, &teacher, pairs()?))?
+                            .weights,
+                    );
                 }
                 Ok(adp_weights.clone().expect("set above"))
             };
@@ -105,16 +127,29 @@ pub fn run_toy(config: ToyRunConfig) -> Result<ToyReport> {
                 }),
                 Method::Dmd => distill::dmd(&ctx, &teacher, "dmd", &teacher.weights),
                 Method::AdpDmd => distill::dmd(&ctx, &teacher, "adp+dmd", &adp_init()?),
-                Method::Adm => distill::adm(&ctx, &teacher, "adm", &teacher.weights, one_step.clone()),
-                Method::Dmdx => distill::adm(&ctx, &teacher, "dmdx", &adp_init()?, one_step.clone()),
-                Method::AdmMultistep => {
-                    distill::adm(&ctx, &teacher, "adm-multistep", &teacher.weights, ctx.config.student.multistep.clone())
+                Method::Adm => {
+                    distill::adm(&ctx, &teacher, "adm", &teacher.weights, one_step.clone())
                 }
+                Method::Dmdx => {
+                    distill::adm(&ctx, &teacher, "dmdx", &adp_init()?, one_step.clone())
+                }
+                Method::AdmMultistep => distill::adm(
+                    &ctx,
+                    &teacher,
+                    "adm-multistep",
+                    &teacher.weights,
+                    ctx.config.student.multistep.clone(),
+                ),
             }
         })?;
-        let steps = if method == Method::AdmMultistep { ctx.config.student.multistep.clone() } else { one_step };
+        let steps = if method == Method::AdmMultistep {
+            ctx.config.student.multistep.clone()
+        } else {
+            one_step
+        };
         let student = new_student(&ctx, "eval", &outcome.weights, steps)?;
-        let samples = to_points(&student.sample(&eval_noise, &eval_cond, &mut ctx.rng("eval-renoise"))?)?;
+        let samples =
+            to_points(&student.sample(&eval_noise, &eval_cond, &mut ctx.rng("eval-renoise"))?)?;
         let (dmd_loss_start, dmd_loss_end) = trace_ends(&outcome.dmd_trace);
         reports.push(MethodReport {
             method: method.name().to_string(),
@@ -135,13 +170,23 @@ pub fn run_toy(config: ToyRunConfig) -> Result<ToyReport> {
         table,
     };
     write_json_atomic(&ctx.path("metrics.json"), &report)?;
-    scatter_png(&ctx.path("samples.png"), &panels, &modes, ctx.config.eval.plot_extent, 256)?;
+    scatter_png(
+        &ctx.path("samples.png"),
+        &panels,
+        &modes,
+        ctx.config.eval.plot_extent,
+        256,
+    )?;
     Ok(report)
 }
 
 /// Runs `stage`, or reuses `run_dir/students/<name>.safetensors` if it was made with the
 /// same config (everything but `methods`, `eval` and `run_dir`).
-fn cached_stage(ctx: &ToyContext, name: &str, stage: impl FnOnce() -> Result<StageOutcome>) -> Result<StageOutcome> {
+fn cached_stage(
+    ctx: &ToyContext,
+    name: &str,
+    stage: impl FnOnce() -> Result<StageOutcome>,
+) -> Result<StageOutcome> {
     let mut fingerprint = serde_json::to_value(&ctx.config)?;
     if let Some(fields) = fingerprint.as_object_mut() {
         for volatile in ["methods", "eval", "run_dir"] {
@@ -169,17 +214,26 @@ fn cached_stage(ctx: &ToyContext, name: &str, stage: impl FnOnce() -> Result<Sta
 
 fn write_json_atomic(path: &std::path::Path, value: &impl Serialize) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
 fn render_table(teacher: &MethodReport, methods: &[MethodReport]) -> Result<String> {
     let mut table = Table::new(
-        ["method", "modes", "in 3 std", "mode TV", "energy dist", "DMD loss start -> end", "seconds"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        [
+            "method",
+            "modes",
+            "in 3 std",
+            "mode TV",
+            "energy dist",
+            "DMD loss start -> end",
+            "seconds",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
     )?;
     for row in std::iter::once(teacher).chain(methods) {
         let m = &row.metrics;

@@ -52,7 +52,11 @@ pub struct Student<M> {
 
 /// `s` as a (B,) tensor.
 fn per_sample(values: &[f64], device: &Device) -> Result<Tensor> {
-    Tensor::from_vec(values.iter().map(|&v| v as f32).collect::<Vec<_>>(), values.len(), device)
+    Tensor::from_vec(
+        values.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        values.len(),
+        device,
+    )
 }
 
 /// Broadcasts a (B,) tensor over the trailing dims of `like`.
@@ -80,7 +84,10 @@ impl<M: Backbone> Student<M> {
         match self.output {
             StudentOutput::Velocity => {
                 let t: Vec<f64> = s.iter().map(|&s| s * schedule.t_max()).collect();
-                let v = self.model.net.forward(x_line, &per_sample(&t, device)?, cond)?;
+                let v = self
+                    .model
+                    .net
+                    .forward(x_line, &per_sample(&t, device)?, cond)?;
                 x_line - (v * expand_like(&per_sample(s, device)?, x_line)?)?
             }
             StudentOutput::Native => {
@@ -92,7 +99,11 @@ impl<M: Backbone> Student<M> {
                     let ts = schedule.timestep_for_alpha_over_sigma((1.0 - s) / s);
                     let (alpha, sigma) = schedule.alpha_sigma_f64(ts);
                     t.push(ts);
-                    scale.push(if s >= 0.5 { sigma / s } else { alpha / (1.0 - s) });
+                    scale.push(if s >= 0.5 {
+                        sigma / s
+                    } else {
+                        alpha / (1.0 - s)
+                    });
                 }
                 let t = per_sample(&t, device)?;
                 let x_t = (x_line * expand_like(&per_sample(&scale, device)?, x_line)?)?;
@@ -109,7 +120,13 @@ impl<M: Backbone> Student<M> {
     /// Runs steps `0..=last` from `noise`; between steps the x0 estimate is re-noised to the
     /// next line time with fresh noise (DMD2's multi-step sampler). Steps before `last` run
     /// without gradient.
-    fn run_to(&self, noise: &Tensor, cond: &Condition, last: usize, rng: &mut StdRng) -> Result<Tensor> {
+    fn run_to(
+        &self,
+        noise: &Tensor,
+        cond: &Condition,
+        last: usize,
+        rng: &mut StdRng,
+    ) -> Result<Tensor> {
         let mut x = noise.clone();
         for step in 0..last {
             let x0 = self.x0_at_step(&x, step, cond)?.detach();
@@ -121,12 +138,19 @@ impl<M: Backbone> Student<M> {
 
     /// A detached sample through all steps.
     pub fn sample(&self, noise: &Tensor, cond: &Condition, rng: &mut StdRng) -> Result<Tensor> {
-        Ok(self.run_to(noise, cond, self.steps.len() - 1, rng)?.detach())
+        Ok(self
+            .run_to(noise, cond, self.steps.len() - 1, rng)?
+            .detach())
     }
 
     /// A training output with gradient: one step chosen uniformly, reached by running the
     /// student without gradient from noise ("backward simulation", DMD2).
-    pub fn training_output(&self, noise: &Tensor, cond: &Condition, rng: &mut StdRng) -> Result<Tensor> {
+    pub fn training_output(
+        &self,
+        noise: &Tensor,
+        cond: &Condition,
+        rng: &mut StdRng,
+    ) -> Result<Tensor> {
         let last = rand::Rng::random_range(rng, 0..self.steps.len());
         self.run_to(noise, cond, last, rng)
     }

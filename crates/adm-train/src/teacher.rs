@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use adm_diffusion::sample_ode;
-use adm_models::{guided_x0_eps, save_safetensors_atomic, varmap_tensors, Backbone, Condition, ToyMlp};
+use adm_models::{
+    guided_x0_eps, save_safetensors_atomic, varmap_tensors, Backbone, Condition, ToyMlp,
+};
 use anyhow::{Context as _, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -22,7 +24,13 @@ pub struct Teacher {
 }
 
 impl Teacher {
+    /// The teacher over detached copies of `weights`: even if they are a trainable
+    /// network's Var tensors, no gradient is ever computed for them.
     pub fn from_weights(ctx: &ToyContext, weights: HashMap<String, Tensor>) -> Result<Self> {
+        let weights: HashMap<String, Tensor> = weights
+            .into_iter()
+            .map(|(name, t)| (name, t.detach()))
+            .collect();
         let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &ctx.device);
         Ok(Self {
             net: Arc::new(ctx.build_net(vb)?),
@@ -32,22 +40,35 @@ impl Teacher {
 
     /// Deterministic multi-step samples with CFG from `noise`.
     pub fn sample(&self, ctx: &ToyContext, noise: &Tensor, cond: &Condition) -> Result<Tensor> {
-        let timesteps = ctx.schedule.sampling_timesteps(ctx.config.teacher.sampling_steps)?;
+        let timesteps = ctx
+            .schedule
+            .sampling_timesteps(ctx.config.teacher.sampling_steps)?;
         let cfg = ctx.config.teacher.cfg_scale;
-        Ok(sample_ode(&ctx.schedule, noise.clone(), &timesteps, |x, t| {
-            guided_x0_eps(self.net.as_ref(), x, t, cond, cfg)
-        })?)
+        Ok(sample_ode(
+            &ctx.schedule,
+            noise.clone(),
+            &timesteps,
+            |x, t| guided_x0_eps(self.net.as_ref(), x, t, cond, cfg),
+        )?)
     }
 }
 
 /// Weights saved with a sidecar JSON of everything they depend on, so that a re-run with the
 /// same settings reuses them (stage-level resume) and a changed config retrains.
-pub fn cached_weights(ctx: &ToyContext, path: &Path, fingerprint: &serde_json::Value) -> Result<Option<HashMap<String, Tensor>>> {
+pub fn cached_weights(
+    ctx: &ToyContext,
+    path: &Path,
+    fingerprint: &serde_json::Value,
+) -> Result<Option<HashMap<String, Tensor>>> {
     let sidecar = path.with_extension("json");
     let Ok(text) = std::fs::read_to_string(&sidecar) else {
         return Ok(None);
     };
-    if serde_json::from_str::<serde_json::Value>(&text).ok().as_ref() != Some(fingerprint) {
+    if serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .as_ref()
+        != Some(fingerprint)
+    {
         return Ok(None);
     }
     let weights = candle_core::safetensors::load(path, &ctx.device)
@@ -55,8 +76,13 @@ pub fn cached_weights(ctx: &ToyContext, path: &Path, fingerprint: &serde_json::V
     Ok(Some(weights))
 }
 
-pub fn store_weights(path: &Path, fingerprint: &serde_json::Value, weights: &HashMap<String, Tensor>) -> Result<()> {
-    save_safetensors_atomic(weights, path).with_context(|| format!("cannot write {}", path.display()))?;
+pub fn store_weights(
+    path: &Path,
+    fingerprint: &serde_json::Value,
+    weights: &HashMap<String, Tensor>,
+) -> Result<()> {
+    save_safetensors_atomic(weights, path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     let sidecar = path.with_extension("json");
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(fingerprint)?)?;
@@ -83,7 +109,12 @@ pub fn train_teacher(ctx: &ToyContext) -> Result<Teacher> {
     let mut rng = ctx.rng("teacher");
     let vars = adm_nn::SeededVarMap::new(adm_nn::derive_seed(ctx.config.seed, "teacher-init"));
     let net = ctx.build_net(vars.var_builder(DType::F32, &ctx.device))?;
-    let mut opt = Optimizer::new("teacher", vars.varmap(), cfg.learning_rate, ctx.config.student.grad_clip)?;
+    let mut opt = Optimizer::new(
+        "teacher",
+        vars.varmap(),
+        cfg.learning_rate,
+        ctx.config.student.grad_clip,
+    )?;
     let mut log = StageLog::create(ctx, "teacher")?;
     let bar = progress("teacher", cfg.steps);
     let null_class = ctx.mixture.num_classes() as u32;
@@ -97,11 +128,19 @@ pub fn train_teacher(ctx: &ToyContext) -> Result<Teacher> {
         let classes: Vec<u32> = batch
             .classes
             .iter()
-            .map(|&c| if rng.random::<f64>() < cfg.condition_dropout { null_class } else { c })
+            .map(|&c| {
+                if rng.random::<f64>() < cfg.condition_dropout {
+                    null_class
+                } else {
+                    c
+                }
+            })
             .collect();
         let cond = class_condition(Tensor::new(classes.as_slice(), &ctx.device)?);
         let x0 = batch.points_tensor(&ctx.device)?;
-        let t: Vec<f64> = (0..cfg.batch_size).map(|_| rng.random_range(0.0..=ctx.schedule.t_max())).collect();
+        let t: Vec<f64> = (0..cfg.batch_size)
+            .map(|_| rng.random_range(0.0..=ctx.schedule.t_max()))
+            .collect();
         let t = ctx.timesteps(&t)?;
         let eps = ctx.noise(cfg.batch_size, &mut rng)?;
         let x_t = ctx.schedule.add_noise(&x0, &eps, &t)?;
@@ -109,7 +148,10 @@ pub fn train_teacher(ctx: &ToyContext) -> Result<Teacher> {
         let loss = adm_losses::denoising(&ctx.schedule, &prediction, &x0, &eps, &t)?;
         let stats = opt.step(&loss)?;
         if step % 50 == 0 {
-            log.record(step, &[("loss", stats.loss), ("grad_norm", stats.grad_norm)])?;
+            log.record(
+                step,
+                &[("loss", stats.loss), ("grad_norm", stats.grad_norm)],
+            )?;
             bar.set_message(format!("loss {:.4}", stats.loss));
         }
         bar.inc(1);
