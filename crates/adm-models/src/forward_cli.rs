@@ -19,6 +19,9 @@ use crate::loading::{class_name, load_model, read_config, resolve_model, ModelIn
 use crate::unet_2d::{self, TextTime, UNet2DConditionModel};
 use crate::vae::{self, AutoencoderKL};
 
+/// The classes [`forward_dir`] runs.
+pub const SUPPORTED: &[&str] = &["UNet2DConditionModel", "AutoencoderKL"];
+
 /// What `adm-forward` was asked to do.
 #[derive(Debug, Clone)]
 pub struct ForwardArgs {
@@ -192,6 +195,14 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
         args.component.as_deref(),
         args.revision.as_deref(),
     )?;
+    let class = class_name(&dir)?;
+    if !SUPPORTED.contains(&class.as_str()) {
+        candle_core::bail!(
+            "adm-forward: model class `{class}` ({}) is not supported yet ({})",
+            dir.display(),
+            SUPPORTED.join(", ")
+        )
+    }
     let inputs = candle_core::safetensors::load(&args.inputs, &Device::Cpu).map_err(|e| {
         candle_core::Error::Msg(format!("cannot read inputs {}: {e}", args.inputs.display()))
     })?;
