@@ -62,6 +62,19 @@ pub enum Method {
 }
 
 impl Method {
+    /// The config sections a method's student depends on beyond the teacher's (the probe
+    /// schedule in `eval` shapes the recorded DMD trace).
+    pub fn sections(self) -> &'static [&'static str] {
+        match self {
+            Method::Mse => &["student", "ode_pairs", "mse"],
+            Method::Adp => &["student", "ode_pairs", "adp"],
+            Method::Dmd => &["student", "dmd", "eval"],
+            Method::AdpDmd => &["student", "ode_pairs", "adp", "dmd", "eval"],
+            Method::Adm | Method::AdmMultistep => &["student", "adm", "dmd", "eval"],
+            Method::Dmdx => &["student", "ode_pairs", "adp", "adm", "dmd", "eval"],
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Mse => "mse",

@@ -55,6 +55,17 @@ impl ToyContext {
         ToyMlp::new(vb, &self.model, self.schedule.clone())
     }
 
+    /// The config sections `sections` (top-level keys) as JSON: what a cached stage output
+    /// depends on, stored beside it so that a change of any of them recomputes it.
+    pub fn fingerprint(&self, sections: &[&str]) -> serde_json::Value {
+        let full = serde_json::to_value(&self.config).expect("the config serialises");
+        sections
+            .iter()
+            .map(|&key| (key.to_string(), full[key].clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.config.run_dir.join(name)
     }

@@ -14,7 +14,7 @@ use adm_models::{
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 use crate::context::{progress, StageLog, ToyContext};
 use crate::optim::Optimizer;
@@ -315,7 +315,21 @@ struct ScoreDistillation<'a> {
     student: Student<ToyMlp>,
     fake: Trainable<ToyMlp>,
     rng: StdRng,
+    probe: DmdProbe,
 }
+
+/// A fixed set of noise, classes, timesteps and re-noising noise on which the DMD loss is
+/// measured during training, so that values at different steps are comparable (Fig. 3).
+struct DmdProbe {
+    noise: Tensor,
+    cond: Condition,
+    t: Tensor,
+    eps: Tensor,
+    seed: u64,
+}
+
+/// Samples in the DMD probe.
+const PROBE_SIZE: usize = 1024;
 
 impl ScoreDistillation<'_> {
     /// Student outputs with gradient (backward simulation for multi-step students), their
@@ -357,12 +371,12 @@ impl ScoreDistillation<'_> {
     }
 
     /// ADM's generator loss -D(x_s^fake, s): x_s^fake = step(f_psi, x_t, t -> t - dt) carries
-    /// the gradient into x_t and theta. Also returns the detached student batch for probes.
+    /// the gradient into x_t and theta.
     fn adm_generator_loss(
         &mut self,
         discriminator: &LatentDiscriminator,
         delta_t: f64,
-    ) -> Result<(Tensor, Tensor, Condition)> {
+    ) -> Result<Tensor> {
         let (x0, cond) = self.student_batch()?;
         let (x_t, t, _) = self.noised(&x0, delta_t)?;
         let s = t.affine(1.0, -delta_t)?;
@@ -375,7 +389,7 @@ impl ScoreDistillation<'_> {
             &s,
             |x, s| discriminator.logits(x, s, &cond),
         )?;
-        Ok((loss, x0.detach(), cond))
+        Ok(loss)
     }
 
     /// ADM's hinge discriminator loss on teacher-CFG and fake-score flow steps from the same
@@ -403,20 +417,41 @@ impl ScoreDistillation<'_> {
         )?)
     }
 
-    /// The DMD loss of `x0` with the teacher (CFG) as real score and f_psi as fake score.
+    /// The DMD loss of `x0` at noise `eps` and times `t`, with the teacher (CFG) as real
+    /// score and f_psi as fake score.
+    fn dmd_loss_at(
+        &self,
+        x0: &Tensor,
+        cond: &Condition,
+        t: &Tensor,
+        eps: &Tensor,
+    ) -> Result<Tensor> {
+        let x_t = self.ctx.schedule.add_noise(&x0.detach(), eps, t)?;
+        let cfg = self.ctx.config.teacher.cfg_scale;
+        let p_real = guided_x0_eps(self.teacher.net.as_ref(), &x_t, t, cond, cfg)?
+            .0
+            .detach();
+        let p_fake = predict_x0_eps(self.fake.net.as_ref(), &x_t, t, cond)?
+            .0
+            .detach();
+        Ok(losses::dmd(x0, &p_real, &p_fake)?)
+    }
+
+    /// The DMD generator loss on a fresh batch (DMD2: t from `dmd.timesteps`).
     fn dmd_loss(&mut self, x0: &Tensor, cond: &Condition) -> Result<Tensor> {
         let dist = self.ctx.config.dmd.timesteps.clone();
         let t = schedule_times(self.ctx, &dist, x0.dim(0)?, &mut self.rng)?;
         let eps = self.ctx.noise(x0.dim(0)?, &mut self.rng)?;
-        let x_t = self.ctx.schedule.add_noise(&x0.detach(), &eps, &t)?;
-        let cfg = self.ctx.config.teacher.cfg_scale;
-        let p_real = guided_x0_eps(self.teacher.net.as_ref(), &x_t, &t, cond, cfg)?
-            .0
-            .detach();
-        let p_fake = predict_x0_eps(self.fake.net.as_ref(), &x_t, &t, cond)?
-            .0
-            .detach();
-        Ok(losses::dmd(x0, &p_real, &p_fake)?)
+        self.dmd_loss_at(x0, cond, &t, &eps)
+    }
+
+    /// The DMD loss of the current student on the fixed probe set.
+    fn probe_dmd_loss(&self) -> Result<f64> {
+        let p = &self.probe;
+        let mut renoise = StdRng::seed_from_u64(p.seed);
+        let x0 = self.student.sample(&p.noise, &p.cond, &mut renoise)?;
+        let loss = self.dmd_loss_at(&x0, &p.cond, &p.t, &p.eps)?;
+        Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     }
 
     fn outcome(&self, dmd_trace: Vec<(usize, f64)>) -> StageOutcome {
@@ -434,12 +469,22 @@ fn score_distillation<'a>(
     init: &HashMap<String, Tensor>,
     steps: Vec<f64>,
 ) -> Result<ScoreDistillation<'a>> {
+    // The same probe for every method, so their DMD traces are comparable.
+    let mut rng = ctx.rng("dmd-probe");
+    let probe = DmdProbe {
+        noise: ctx.noise(PROBE_SIZE, &mut rng)?,
+        cond: ctx.classes(PROBE_SIZE, &mut rng)?,
+        t: schedule_times(ctx, &ctx.config.dmd.timesteps, PROBE_SIZE, &mut rng)?,
+        eps: ctx.noise(PROBE_SIZE, &mut rng)?,
+        seed: adm_nn::derive_seed(ctx.config.seed, "dmd-probe-renoise"),
+    };
     Ok(ScoreDistillation {
         ctx,
         teacher,
         student: new_student(ctx, &format!("{name}-generator"), init, steps)?,
         fake: trainable_net(ctx, &format!("{name}-fake-score"), &teacher.weights)?,
         rng: ctx.rng(name),
+        probe,
     })
 }
 
@@ -472,11 +517,13 @@ pub fn dmd(
         let loss = run.dmd_loss(&x0, &cond)?;
         let g = opt_g.step(&loss)?;
         if step % ctx.config.eval.probe_every == 0 {
-            trace.push((step, g.loss));
+            let probe = run.probe_dmd_loss()?;
+            trace.push((step, probe));
             log.record(
                 step,
                 &[
-                    ("dmd", g.loss),
+                    ("loss_g", g.loss),
+                    ("dmd_probe", probe),
                     ("fake_score", fake_loss),
                     ("grad_norm_g", g.grad_norm),
                 ],
@@ -536,10 +583,9 @@ pub fn adm(
         for _ in 0..cfg.ttur {
             fake_loss = opt_f.step(&run.fake_score_loss()?)?.loss;
         }
-        let (g_loss, x0, cond) = run.adm_generator_loss(&discriminator, delta_t)?;
-        let g = opt_g.step(&g_loss)?;
+        let g = opt_g.step(&run.adm_generator_loss(&discriminator, delta_t)?)?;
         let probe = if step % ctx.config.eval.probe_every == 0 {
-            Some(run.dmd_loss(&x0, &cond)?.to_scalar::<f32>()? as f64)
+            Some(run.probe_dmd_loss()?)
         } else {
             None
         };
@@ -558,7 +604,7 @@ pub fn adm(
                     ("loss_g", g.loss),
                     ("loss_d", d_loss),
                     ("fake_score", fake_loss),
-                    ("dmd", dmd),
+                    ("dmd_probe", dmd),
                     ("grad_norm_g", g.grad_norm),
                 ],
             )?;
@@ -637,8 +683,9 @@ mod tests {
             let grads = run.fake_score_loss()?.backward()?;
             assert_every_var_has_grad(run.fake.varmap(), &grads)?;
 
-            let (loss, x0, cond) = run.adm_generator_loss(&discriminator, delta_t)?;
-            let grads = loss.backward()?;
+            let grads = run
+                .adm_generator_loss(&discriminator, delta_t)?
+                .backward()?;
             assert_every_var_has_grad(run.student.model.varmap(), &grads)?;
             assert_teacher_untouched(&teacher, &grads);
 
@@ -657,8 +704,10 @@ mod tests {
             let grads = run.dmd_loss(&x0_live, &cond_live)?.backward()?;
             assert_every_var_has_grad(run.student.model.varmap(), &grads)?;
             assert_teacher_untouched(&teacher, &grads);
-            // The probe on a detached batch is a plain number.
-            assert!(run.dmd_loss(&x0, &cond)?.to_scalar::<f32>()?.is_finite());
+            // The probe is a plain number, the same twice for the same student.
+            let probe = run.probe_dmd_loss()?;
+            assert!(probe.is_finite() && probe > 0.0);
+            assert_eq!(probe, run.probe_dmd_loss()?);
         }
         Ok(())
     }

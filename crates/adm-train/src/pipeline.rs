@@ -13,7 +13,7 @@ use crate::collect::collect_toy_pairs;
 use crate::config::{Method, ToyRunConfig};
 use crate::context::ToyContext;
 use crate::distill::{self, new_student, StageOutcome};
-use crate::teacher::{cached_weights, store_weights, train_teacher};
+use crate::teacher::{cached_weights, store_weights, train_teacher, TEACHER_SECTIONS};
 
 /// One row of the results.
 #[derive(Debug, Clone, Serialize)]
@@ -109,11 +109,11 @@ pub fn run_toy(config: ToyRunConfig) -> Result<ToyReport> {
     for method in methods {
         let started = Instant::now();
         let one_step = vec![1.0];
-        let outcome = cached_stage(&ctx, method.name(), || {
+        let outcome = cached_stage(&ctx, method, || {
             let mut adp_init = || -> Result<HashMap<String, Tensor>> {
                 if adp_weights.is_none() {
                     adp_weights = Some(
-                        cached_stage(&ctx, "adp", || distill::adp(&ctx, &teacher, pairs()?))?
+                        cached_stage(&ctx, Method::Adp, || distill::adp(&ctx, &teacher, pairs()?))?
                             .weights,
                     );
                 }
@@ -181,18 +181,19 @@ pub fn run_toy(config: ToyRunConfig) -> Result<ToyReport> {
 }
 
 /// Runs `stage`, or reuses `run_dir/students/<name>.safetensors` if it was made with the
-/// same config (everything but `methods`, `eval` and `run_dir`).
+/// same settings (the teacher's sections and `Method::sections`).
 fn cached_stage(
     ctx: &ToyContext,
-    name: &str,
+    method: Method,
     stage: impl FnOnce() -> Result<StageOutcome>,
 ) -> Result<StageOutcome> {
-    let mut fingerprint = serde_json::to_value(&ctx.config)?;
-    if let Some(fields) = fingerprint.as_object_mut() {
-        for volatile in ["methods", "eval", "run_dir"] {
-            fields.remove(volatile);
-        }
-    }
+    let name = method.name();
+    let sections: Vec<&str> = TEACHER_SECTIONS
+        .iter()
+        .chain(method.sections())
+        .copied()
+        .collect();
+    let fingerprint = ctx.fingerprint(&sections);
     let dir = ctx.path("students");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{}.safetensors", name.replace('+', "-")));

@@ -90,11 +90,11 @@ pub fn store_weights(
     Ok(())
 }
 
+/// What the teacher depends on.
+pub const TEACHER_SECTIONS: [&str; 5] = ["seed", "data", "schedule", "model", "teacher"];
+
 pub fn teacher_fingerprint(ctx: &ToyContext) -> serde_json::Value {
-    let c = &ctx.config;
-    serde_json::json!({
-        "seed": c.seed, "data": c.data, "schedule": c.schedule, "model": c.model, "teacher": c.teacher,
-    })
+    ctx.fingerprint(&TEACHER_SECTIONS)
 }
 
 /// Trains the teacher, or reuses `run_dir/teacher.safetensors` made with the same settings.

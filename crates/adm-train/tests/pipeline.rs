@@ -63,9 +63,24 @@ fn every_method_runs_deterministically_and_resumes() {
     let first = run_toy(tiny_config(&first_dir)).unwrap();
 
     let names: Vec<&str> = first.methods.iter().map(|m| m.method.as_str()).collect();
-    assert_eq!(names, ["mse", "adp", "dmd", "adp+dmd", "adm", "dmdx", "adm-multistep"]);
+    assert_eq!(
+        names,
+        [
+            "mse",
+            "adp",
+            "dmd",
+            "adp+dmd",
+            "adm",
+            "dmdx",
+            "adm-multistep"
+        ]
+    );
     for name in &names {
-        assert!(first.table.contains(name), "table lacks {name}:\n{}", first.table);
+        assert!(
+            first.table.contains(name),
+            "table lacks {name}:\n{}",
+            first.table
+        );
     }
     for method in &first.methods {
         assert!(method.metrics.energy_distance.is_finite());
@@ -74,7 +89,13 @@ fn every_method_runs_deterministically_and_resumes() {
     let by_name = |n: &str| first.methods.iter().find(|m| m.method == n).unwrap();
     assert!(by_name("adm").dmd_trace.len() == 3 && by_name("dmdx").dmd_loss_end.is_some());
     assert!(by_name("mse").dmd_trace.is_empty());
-    for file in ["metrics.json", "samples.png", "teacher.safetensors", "logs/adm.jsonl", "students/dmdx.safetensors"] {
+    for file in [
+        "metrics.json",
+        "samples.png",
+        "teacher.safetensors",
+        "logs/adm.jsonl",
+        "students/dmdx.safetensors",
+    ] {
         assert!(first_dir.join(file).is_file(), "{file} was not written");
     }
     let png = image::open(first_dir.join("samples.png")).unwrap();
@@ -82,7 +103,11 @@ fn every_method_runs_deterministically_and_resumes() {
 
     let second_dir = fresh_dir("second");
     let second = run_toy(tiny_config(&second_dir)).unwrap();
-    assert_eq!(metrics_of(&first), metrics_of(&second), "same seed, different results");
+    assert_eq!(
+        metrics_of(&first),
+        metrics_of(&second),
+        "same seed, different results"
+    );
 
     // Same folder again: every stage is reused, results identical.
     let resumed = run_toy(tiny_config(&first_dir)).unwrap();
