@@ -11,3 +11,13 @@ pub mod teacher;
 
 pub use config::ToyRunConfig;
 pub use pipeline::{run_toy, ToyReport};
+
+/// Logs to stderr at `info`, or as `RUST_LOG` says (shared by the binaries).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -20,12 +20,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    adm_train::init_logging();
     let args = Args::parse();
     let config = adm_train::ToyRunConfig::load(args.config.as_deref(), &args.overrides)?;
     let run_dir = config.run_dir.clone();
