@@ -120,7 +120,11 @@ fn assert_same_store(expected: &Path, actual: &Path) {
             actual.display()
         );
     }
-    assert_eq!(expected_files.len(), SHARDS + 1, "shards plus manifest.json");
+    assert_eq!(
+        expected_files.len(),
+        SHARDS + 1,
+        "shards plus manifest.json"
+    );
 }
 
 /// Committed shards of the store in `dir` (0 before its manifest exists).
@@ -225,7 +229,10 @@ fn collection_killed_at_random_points_resumes_to_the_uninterrupted_store() {
             20_000,
         );
         eprintln!("seed {seed}: {kills} kills, committed shards after each: {seen:?}");
-        assert!(kills >= 3, "only {kills} runs were killed mid-way: {seen:?}");
+        assert!(
+            kills >= 3,
+            "only {kills} runs were killed mid-way: {seen:?}"
+        );
         assert!(
             seen.iter().any(|&s| s > 0 && s < SHARDS),
             "no kill left a partly written store: {seen:?}"
@@ -279,14 +286,8 @@ fn two_ranks_merged_equal_the_single_process_store_even_when_the_merge_is_killed
     // A merge is a few milliseconds here, so kill it after a random number of committed
     // shards plus at most 2 ms.
     let killed = run_dir.join("merged-killed");
-    let (kills, seen) = kill_until_done(
-        || merge_command(&killed, &inputs),
-        &killed,
-        7,
-        8,
-        4,
-        2_000,
-    );
+    let (kills, seen) =
+        kill_until_done(|| merge_command(&killed, &inputs), &killed, 7, 8, 4, 2_000);
     eprintln!("merge: {kills} kills, committed shards after each: {seen:?}");
     assert!(kills >= 1, "no merge was killed mid-way");
     assert_same_store(&expected, &killed);

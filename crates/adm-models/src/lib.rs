@@ -2,6 +2,7 @@
 //! discriminator heads, and weight handling.
 
 pub mod backbone;
+mod blocks;
 pub mod clip;
 pub mod forward_cli;
 pub mod heads;

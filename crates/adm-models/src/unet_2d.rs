@@ -14,17 +14,14 @@
 //! Dropout is not applied (every released SD / SDXL config has `dropout = 0`).
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 
 use adm_diffusion::Schedule;
-use candle_core::{DType, Device, Module, Result, Shape, Tensor, D};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{
-    conv2d, group_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder,
-};
+use candle_core::{DType, Module, Result, Shape, Tensor, D};
+use candle_nn::{group_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};
+use crate::blocks::{conv, ResnetBlock2D};
 
 /// A config value that is either one value for every block or one value per block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -579,81 +576,6 @@ impl Module for TimestepEmbedding {
     }
 }
 
-fn conv(
-    vb: VarBuilder,
-    cin: usize,
-    cout: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    conv2d(cin, cout, kernel, cfg, vb)
-}
-
-/// `ResnetBlock2D` with `time_embedding_norm = "default"` (time embedding added after conv1).
-#[derive(Debug, Clone)]
-struct ResnetBlock2D {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    time_emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
-    output_scale_factor: f64,
-}
-
-impl ResnetBlock2D {
-    fn new(
-        vb: VarBuilder,
-        cfg: &Config,
-        cin: usize,
-        cout: usize,
-        temb: usize,
-        output_scale_factor: f64,
-    ) -> Result<Self> {
-        let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
-        Ok(Self {
-            norm1: group_norm(groups, cin, eps, vb.pp("norm1"))?,
-            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            time_emb_proj: linear(temb, cout, vb.pp("time_emb_proj"))?,
-            norm2: group_norm(groups, cout, eps, vb.pp("norm2"))?,
-            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
-            conv_shortcut: if cin != cout {
-                Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
-            } else {
-                None
-            },
-            output_scale_factor,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let t = self
-            .time_emb_proj
-            .forward(&temb.silu()?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
-        let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(xs)?,
-            None => xs.clone(),
-        };
-        let out = (skip + h)?;
-        if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out / self.output_scale_factor
-        }
-    }
-}
-
 /// diffusers' `Attention` as used by `BasicTransformerBlock`: no q/k/v bias, biased output.
 #[derive(Debug, Clone)]
 struct Attention {
@@ -942,7 +864,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut h = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, temb)?;
+            h = resnet.forward(&h, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context)?;
             }
@@ -978,7 +900,7 @@ impl UpBlock {
             let skip = skips.pop().ok_or_else(|| {
                 candle_core::Error::Msg("unet: ran out of skip connections".into())
             })?;
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, temb)?;
+            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context)?;
             }
@@ -999,9 +921,9 @@ struct MidBlock {
 
 impl MidBlock {
     fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(xs, temb)?;
+        let mut h = self.resnets[0].forward(xs, Some(temb))?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = resnet.forward(&attn.forward(&h, context)?, temb)?;
+            h = resnet.forward(&attn.forward(&h, context)?, Some(temb))?;
         }
         Ok(h)
     }
@@ -1034,6 +956,7 @@ impl UNet2DConditionModel {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         let temb = r.time_embed_dim;
+        let norm = (cfg.norm_num_groups, cfg.norm_eps);
         let conv_in = conv(
             vb.pp("conv_in"),
             cfg.in_channels,
@@ -1059,7 +982,14 @@ impl UNet2DConditionModel {
             let resnets = (0..r.layers_per_block[i])
                 .map(|j| {
                     let c = if j == 0 { cin } else { cout };
-                    ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), cfg, c, cout, temb, 1.0)
+                    ResnetBlock2D::new(
+                        vb.pp(format!("resnets.{j}")),
+                        norm,
+                        c,
+                        cout,
+                        Some(temb),
+                        1.0,
+                    )
                 })
                 .collect::<Result<_>>()?;
             let attentions = if cfg.down_block_types[i] == DOWN_CROSS_ATTN {
@@ -1105,10 +1035,10 @@ impl UNet2DConditionModel {
                     .map(|j| {
                         ResnetBlock2D::new(
                             vb.pp(format!("resnets.{j}")),
-                            cfg,
+                            norm,
                             c,
                             c,
-                            temb,
+                            Some(temb),
                             cfg.mid_block_scale_factor,
                         )
                     })
@@ -1151,10 +1081,10 @@ impl UNet2DConditionModel {
                     let c = if j == 0 { prev_out } else { cout };
                     ResnetBlock2D::new(
                         vb.pp(format!("resnets.{j}")),
-                        cfg,
+                        norm,
                         c + skip,
                         cout,
-                        temb,
+                        Some(temb),
                         1.0,
                     )
                 })
@@ -1451,44 +1381,10 @@ impl UNet2DConditionModel {
     }
 }
 
-/// A VarBuilder backend that records the requested names and shapes and hands out
-/// broadcast zeros (no allocation), to list a config's tensors without building it.
-#[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<(String, Shape)>>>);
-
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Tensor> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((name.to_string(), shape.clone()));
-        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        candle_core::bail!("unet: tensor `{name}` requested without a shape")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
 /// Every tensor a checkpoint for `cfg` holds (diffusers names) and its shape, in construction
 /// order, without allocating the model.
 pub fn expected_tensors(cfg: &Config) -> Result<Vec<(String, Shape)>> {
-    let recorder = Recorder::default();
-    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
-    UNet2DConditionModel::new(vb, cfg)?;
-    let names = recorder.0.lock().unwrap().clone();
-    Ok(names)
+    crate::loading::expected_tensors(|vb| UNet2DConditionModel::new(vb, cfg))
 }
 
 /// Fails, listing them, when `names` (a checkpoint's tensor names) has tensors `cfg` does not

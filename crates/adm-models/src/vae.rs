@@ -17,8 +17,10 @@
 //! matrix is (H/8 · W/8)² per image (1 GiB in f32 for a 1024² SDXL image).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
+
+use crate::blocks::{conv, ResnetBlock2D};
 
 const DOWN_ENCODER: &str = "DownEncoderBlock2D";
 const UP_DECODER: &str = "UpDecoderBlock2D";
@@ -204,58 +206,9 @@ impl Config {
     }
 }
 
-fn conv(
-    vb: VarBuilder,
-    cin: usize,
-    cout: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    conv2d(cin, cout, kernel, cfg, vb)
-}
-
 /// `ResnetBlock2D` without a time embedding (`temb_channels = None`), eps 1e-6.
-#[derive(Debug, Clone)]
-struct ResnetBlock2D {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
-}
-
-impl ResnetBlock2D {
-    fn new(vb: VarBuilder, groups: usize, cin: usize, cout: usize) -> Result<Self> {
-        Ok(Self {
-            norm1: group_norm(groups, cin, VAE_EPS, vb.pp("norm1"))?,
-            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            norm2: group_norm(groups, cout, VAE_EPS, vb.pp("norm2"))?,
-            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
-            conv_shortcut: if cin != cout {
-                Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
-            } else {
-                None
-            },
-        })
-    }
-}
-
-impl Module for ResnetBlock2D {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
-        let skip = match &self.conv_shortcut {
-            Some(c) => c.forward(xs)?,
-            None => xs.clone(),
-        };
-        skip + h
-    }
+fn resnet(vb: VarBuilder, groups: usize, cin: usize, cout: usize) -> Result<ResnetBlock2D> {
+    ResnetBlock2D::new(vb, (groups, VAE_EPS), cin, cout, None, 1.0)
 }
 
 /// diffusers' `Attention` over the H·W positions of a (B, C, H, W) map, as the VAE mid block
@@ -319,7 +272,7 @@ impl MidBlock {
     fn new(vb: VarBuilder, cfg: &Config, channels: usize) -> Result<Self> {
         let groups = cfg.norm_num_groups;
         Ok(Self {
-            resnet_0: ResnetBlock2D::new(vb.pp("resnets.0"), groups, channels, channels)?,
+            resnet_0: resnet(vb.pp("resnets.0"), groups, channels, channels)?,
             attention: if cfg.mid_block_add_attention {
                 Some(SpatialAttention::new(
                     vb.pp("attentions.0"),
@@ -329,18 +282,18 @@ impl MidBlock {
             } else {
                 None
             },
-            resnet_1: ResnetBlock2D::new(vb.pp("resnets.1"), groups, channels, channels)?,
+            resnet_1: resnet(vb.pp("resnets.1"), groups, channels, channels)?,
         })
     }
 }
 
 impl Module for MidBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnet_0.forward(xs)?;
+        let mut h = self.resnet_0.forward(xs, None)?;
         if let Some(attn) = &self.attention {
             h = attn.forward(&h)?;
         }
-        self.resnet_1.forward(&h)
+        self.resnet_1.forward(&h, None)
     }
 }
 
@@ -356,7 +309,7 @@ impl Module for DownEncoderBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut h = xs.clone();
         for resnet in &self.resnets {
-            h = resnet.forward(&h)?;
+            h = resnet.forward(&h, None)?;
         }
         if let Some(down) = &self.downsampler {
             h = down.forward(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
@@ -376,7 +329,7 @@ impl Module for UpDecoderBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut h = xs.clone();
         for resnet in &self.resnets {
-            h = resnet.forward(&h)?;
+            h = resnet.forward(&h, None)?;
         }
         if let Some(up) = &self.upsampler {
             h = up.forward(&adm_nn::upsample_nearest2d(&h, 2, 2)?)?;
@@ -409,7 +362,7 @@ impl Encoder {
             let resnets = (0..cfg.layers_per_block)
                 .map(|j| {
                     let c = if j == 0 { cin } else { cout };
-                    ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), groups, c, cout)
+                    resnet(vb.pp(format!("resnets.{j}")), groups, c, cout)
                 })
                 .collect::<Result<_>>()?;
             let downsampler = if i + 1 < n {
@@ -478,7 +431,7 @@ impl Decoder {
             let resnets = (0..cfg.layers_per_block + 1)
                 .map(|j| {
                     let c = if j == 0 { cin } else { cout };
-                    ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), groups, c, cout)
+                    resnet(vb.pp(format!("resnets.{j}")), groups, c, cout)
                 })
                 .collect::<Result<_>>()?;
             let upsampler = if i + 1 < n {

@@ -3,56 +3,32 @@
 //! layouts with and without `text_model.`, gradients, the published configs, and the CLIP
 //! BPE tokenizer against transformers' ids (the real 49408-token vocabulary).
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use adm_models::clip::{ClipTextModel, ClipTokenizer, Config, IGNORED_TENSORS};
 use adm_models::loading::{expected_tensors, load_model, read_config};
 use adm_nn::{assert_every_var_has_grad, SeededVarMap};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-
-/// Parity target: max |rust f32 - transformers f64| / max |transformers f64|.
-/// Reached about 5e-7 (f32 rounding); 1e-5 leaves a 10x margin.
-const PARITY_TOL: f64 = 1e-5;
+use common::{assert_parity, relative_error, Fixture, PARITY_TOL};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip")
+    common::fixtures().join("clip")
 }
 
-fn relative_error(got: &Tensor, want: &Tensor) -> Result<f64> {
-    assert_eq!(got.dims(), want.dims());
-    let got = got.to_dtype(DType::F64)?;
-    let want = want.to_dtype(DType::F64)?;
-    let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-    let scale = want.abs()?.max_all()?.to_scalar::<f64>()?;
-    Ok(err / scale)
-}
-
-struct Fixture {
-    config: Config,
-    weights: HashMap<String, Tensor>,
-    inputs: HashMap<String, Tensor>,
-    outputs: HashMap<String, Tensor>,
-}
-
-fn load_fixture(name: &str) -> Result<Fixture> {
-    let dir = fixtures().join(name);
-    Ok(Fixture {
-        config: read_config(&dir)?,
-        weights: candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?,
-        inputs: candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu)?,
-        outputs: candle_core::safetensors::load(dir.join("outputs.safetensors"), &Device::Cpu)?,
-    })
+fn load_fixture(name: &str) -> Result<Fixture<Config>> {
+    Fixture::load("clip", name, "model.safetensors")
 }
 
 fn check_parity(name: &str, with_projection: bool) -> Result<()> {
     let f = load_fixture(name)?;
     assert_eq!(f.config.has_projection(), with_projection);
     // Loaded from the folder: every checkpoint tensor used, none missing.
-    let dir = fixtures().join(name);
     let model = load_model(
-        &dir,
+        &f.dir,
         None,
         DType::F32,
         &Device::Cpu,
@@ -73,12 +49,7 @@ fn check_parity(name: &str, with_projection: bool) -> Result<()> {
     }
     assert_eq!(out.text_embeds.is_some(), with_projection);
     for (what, got) in checks {
-        let err = relative_error(got, &f.outputs[what])?;
-        println!(
-            "clip {name}: {what} {:?} relative error {err:.2e}",
-            got.dims()
-        );
-        assert!(err < PARITY_TOL, "{name}: {what} relative error {err:.2e}");
+        assert_parity(&format!("clip {name}: {what}"), got, &f.outputs[what])?;
     }
     if let Some(want) = f.outputs.get("last_hidden_state_no_mask") {
         let plain = model.forward(&f.inputs["input_ids"], None)?;

@@ -3,6 +3,8 @@
 //! offline hub cache layout, frozen and trainable loading with their errors, and the
 //! `adm-forward` logic (library function and binary) against the diffusers reference.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -14,22 +16,7 @@ use adm_models::loading::{
 use adm_models::unet_2d::{self, TextTime, UNet2DConditionModel};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
-
-/// Same target as unet_parity (rust f32 vs diffusers f64).
-const PARITY_TOL: f64 = 1e-5;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn relative_error(got: &Tensor, want: &Tensor) -> Result<f64> {
-    assert_eq!(got.dims(), want.dims());
-    let got = got.to_dtype(DType::F64)?;
-    let want = want.to_dtype(DType::F64)?;
-    let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-    let scale = want.abs()?.max_all()?.to_scalar::<f64>()?;
-    Ok(err / scale)
-}
+use common::{fixtures, relative_error, PARITY_TOL};
 
 /// A temporary folder removed on drop.
 struct TempDir(PathBuf);

@@ -2,8 +2,9 @@
 //! scripts/make_fixtures.py), gradients reaching every Var, a finite-difference check of the
 //! whole network, and the published SD 1.5 / 2.1 / SDXL configs.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use adm_diffusion::{Schedule, ScheduleConfig};
 use adm_models::unet_2d::{
@@ -13,55 +14,27 @@ use adm_models::{guided_prediction, Backbone, Condition};
 use adm_nn::{assert_every_var_has_grad, check_gradients, GradCheck, SeededVarMap};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-
-/// Parity target: max |rust f32 - diffusers f64| / max |diffusers f64|.
-/// Reached about 8e-7 on both fixtures (f32 rounding); 1e-5 leaves a 10x margin.
-const PARITY_TOL: f64 = 1e-5;
+use common::{assert_parity, load_tensors, relative_error, DIFFUSERS_WEIGHTS, PARITY_TOL};
 
 fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/unet")
-        .join(name)
+    common::fixture_dir("unet", name)
 }
 
-fn load_config(dir: &Path) -> Config {
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    serde_json::from_str(&text).expect("config.json parses")
-}
-
-fn relative_error(got: &Tensor, want: &Tensor) -> Result<f64> {
-    assert_eq!(got.dims(), want.dims());
-    let got = got.to_dtype(DType::F64)?;
-    let want = want.to_dtype(DType::F64)?;
-    let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-    let scale = want.abs()?.max_all()?.to_scalar::<f64>()?;
-    Ok(err / scale)
-}
-
-struct Fixture {
-    config: Config,
-    unet: UNet2DConditionModel,
-    inputs: HashMap<String, Tensor>,
-    outputs: HashMap<String, Tensor>,
-}
+/// A UNET fixture and the model built from its weights (`f.model`).
+type Fixture = common::WithModel<Config, UNet2DConditionModel>;
 
 fn load_fixture(name: &str) -> Result<Fixture> {
-    let dir = fixture_dir(name);
-    let config = load_config(&dir);
-    let weights_path = dir.join("diffusion_pytorch_model.safetensors");
-    let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)?;
-    // Every tensor in the file is used and every tensor the model needs is there.
-    check_tensor_names(&config, weights.keys().map(String::as_str))?;
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[weights_path], DType::F32, &Device::Cpu)? };
-    let unet = UNet2DConditionModel::new(vb, &config)?;
-    let inputs = candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu)?;
-    let outputs = candle_core::safetensors::load(dir.join("outputs.safetensors"), &Device::Cpu)?;
-    Ok(Fixture {
-        config,
-        unet,
-        inputs,
-        outputs,
+    common::Fixture::<Config>::load("unet", name, DIFFUSERS_WEIGHTS)?.with_model(|f| {
+        // Every tensor in the file is used and every tensor the model needs is there.
+        check_tensor_names(&f.config, f.weights.keys().map(String::as_str))?;
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(
+                &[f.dir.join(DIFFUSERS_WEIGHTS)],
+                DType::F32,
+                &Device::Cpu,
+            )?
+        };
+        UNet2DConditionModel::new(vb, &f.config)
     })
 }
 
@@ -81,28 +54,21 @@ fn check_parity(name: &str) -> Result<()> {
         .into_iter()
         .map(|t| t.name)
         .collect();
-    let (sample, features) = f.unet.forward_with_features(
+    let (sample, features) = f.model.forward_with_features(
         &f.inputs["sample"],
         &f.inputs["timestep"],
         &f.inputs["encoder_hidden_states"],
         added,
         &taps,
     )?;
-    let err = relative_error(&sample, &f.outputs["sample"])?;
-    println!("{name}: sample relative error {err:.2e}");
-    assert!(err < PARITY_TOL, "{name}: sample relative error {err:.2e}");
+    assert_parity(&format!("{name}: sample"), &sample, &f.outputs["sample"])?;
     for (tap, feature) in taps.iter().zip(&features) {
-        let err = relative_error(feature, &f.outputs[tap])?;
-        println!(
-            "{name}: {tap} {:?} relative error {err:.2e}",
-            feature.dims()
-        );
-        assert!(err < PARITY_TOL, "{name}: {tap} relative error {err:.2e}");
+        assert_parity(&format!("{name}: {tap}"), feature, &f.outputs[tap])?;
     }
 
     // `features` stops early and returns the taps in the order asked for.
     let asked = vec!["mid_block".to_string(), "down_blocks.0".to_string()];
-    let early = f.unet.features(
+    let early = f.model.features(
         &f.inputs["sample"],
         &f.inputs["timestep"],
         &f.inputs["encoder_hidden_states"],
@@ -119,7 +85,7 @@ fn check_parity(name: &str) -> Result<()> {
         0.0
     );
     let err = f
-        .unet
+        .model
         .features(
             &f.inputs["sample"],
             &f.inputs["timestep"],
@@ -145,11 +111,8 @@ fn sd15_tiny_matches_diffusers() -> Result<()> {
 #[test]
 fn checkpoint_name_and_shape_errors_are_reported() -> Result<()> {
     let dir = fixture_dir("sdxl_tiny");
-    let config = load_config(&dir);
-    let mut weights = candle_core::safetensors::load(
-        dir.join("diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
-    )?;
+    let config: Config = common::config(&dir);
+    let mut weights = load_tensors(dir.join(DIFFUSERS_WEIGHTS))?;
     weights.remove("mid_block.attentions.0.proj_in.weight");
     weights.insert(
         "extra.weight".into(),
@@ -164,10 +127,7 @@ fn checkpoint_name_and_shape_errors_are_reported() -> Result<()> {
     );
 
     // A wrong shape names the tensor and both shapes.
-    let mut weights = candle_core::safetensors::load(
-        dir.join("diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
-    )?;
+    let mut weights = load_tensors(dir.join(DIFFUSERS_WEIGHTS))?;
     weights.insert(
         "conv_in.weight".into(),
         Tensor::zeros((16, 4, 1, 1), DType::F32, &Device::Cpu)?,
@@ -187,7 +147,7 @@ fn checkpoint_name_and_shape_errors_are_reported() -> Result<()> {
 
 /// A small SDXL-like config (the fixture's, optionally shrunk).
 fn tiny_config(dir: &str) -> Config {
-    load_config(&fixture_dir(dir))
+    common::config(&fixture_dir(dir))
 }
 
 fn inputs(
@@ -346,7 +306,7 @@ fn published_configs_have_diffusers_parameter_counts() -> Result<()> {
 #[test]
 fn backbone_wrapper_condition_taps_and_unconditional() -> Result<()> {
     let f = load_fixture("sdxl_tiny")?;
-    let backbone = UNetBackbone::new(f.unet.clone(), Schedule::new(&ScheduleConfig::sdxl())?);
+    let backbone = UNetBackbone::new(f.model.clone(), Schedule::new(&ScheduleConfig::sdxl())?);
     let (x, t) = (&f.inputs["sample"], &f.inputs["timestep"]);
     let cond = Condition::new()
         .with(

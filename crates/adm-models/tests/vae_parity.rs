@@ -2,60 +2,28 @@
 //! gradients through decode reaching every decoder Var, finite differences, the published
 //! SDXL / SD3 configs.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use adm_models::loading::expected_tensors;
 use adm_models::vae::{AutoencoderKL, Config};
 use adm_nn::{assert_every_var_has_grad, check_gradients, GradCheck, SeededVarMap};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-
-/// Parity target: max |rust f32 - diffusers f64| / max |diffusers f64|.
-/// Reached about 1e-6 (f32 rounding); the brief asked for 1e-4, 1e-5 leaves a 10x margin.
-const PARITY_TOL: f64 = 1e-5;
+use common::{assert_parity, relative_error, DIFFUSERS_WEIGHTS};
 
 fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/vae")
-        .join(name)
+    common::fixture_dir("vae", name)
 }
 
-fn load_config(dir: &Path) -> Config {
-    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
-    serde_json::from_str(&text).expect("config.json parses")
-}
-
-fn relative_error(got: &Tensor, want: &Tensor) -> Result<f64> {
-    assert_eq!(got.dims(), want.dims());
-    let got = got.to_dtype(DType::F64)?;
-    let want = want.to_dtype(DType::F64)?;
-    let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-    let scale = want.abs()?.max_all()?.to_scalar::<f64>()?;
-    Ok(err / scale)
-}
-
-struct Fixture {
-    config: Config,
-    vae: AutoencoderKL,
-    weights: HashMap<String, Tensor>,
-    inputs: HashMap<String, Tensor>,
-    outputs: HashMap<String, Tensor>,
-}
+/// A VAE fixture and the model built from its weights (`f.model`).
+type Fixture = common::WithModel<Config, AutoencoderKL>;
 
 fn load_fixture(name: &str) -> Result<Fixture> {
-    let dir = fixture_dir(name);
-    let config = load_config(&dir);
-    let weights_path = dir.join("diffusion_pytorch_model.safetensors");
-    let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)?;
-    let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
-    let vae = AutoencoderKL::new(vb, &config)?;
-    Ok(Fixture {
-        config,
-        vae,
-        weights,
-        inputs: candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu)?,
-        outputs: candle_core::safetensors::load(dir.join("outputs.safetensors"), &Device::Cpu)?,
+    common::Fixture::<Config>::load("vae", name, DIFFUSERS_WEIGHTS)?.with_model(|f| {
+        let vb = VarBuilder::from_tensors(f.weights.clone(), DType::F32, &Device::Cpu);
+        AutoencoderKL::new(vb, &f.config)
     })
 }
 
@@ -71,11 +39,11 @@ fn check_parity(name: &str) -> Result<()> {
     have.sort();
     assert_eq!(expected, have, "{name}: tensor names");
 
-    let posterior = f.vae.encode(&f.inputs["image"])?;
+    let posterior = f.model.encode(&f.inputs["image"])?;
     let sample = posterior.sample(&f.inputs["noise"])?;
-    let decoded = f.vae.decode(&f.inputs["latent"])?;
+    let decoded = f.model.decode(&f.inputs["latent"])?;
     let scaled = f
-        .vae
+        .model
         .encode_scaled(&f.inputs["image"], Some(&f.inputs["noise"]))?;
     for (what, got) in [
         ("mean", &posterior.mean),
@@ -84,17 +52,12 @@ fn check_parity(name: &str) -> Result<()> {
         ("scaled", &scaled),
         ("decoded", &decoded),
     ] {
-        let err = relative_error(got, &f.outputs[what])?;
-        println!(
-            "vae {name}: {what} {:?} relative error {err:.2e}",
-            got.dims()
-        );
-        assert!(err < PARITY_TOL, "{name}: {what} relative error {err:.2e}");
+        assert_parity(&format!("vae {name}: {what}"), got, &f.outputs[what])?;
     }
     // decode_scaled undoes scale_latents.
     let back = f
-        .vae
-        .decode_scaled(&f.vae.scale_latents(&f.inputs["latent"])?)?;
+        .model
+        .decode_scaled(&f.model.scale_latents(&f.inputs["latent"])?)?;
     assert!(relative_error(&back, &decoded)? < 1e-5);
     // The decoder-only build decodes the same and refuses to encode.
     let vb = VarBuilder::from_tensors(f.weights.clone(), DType::F32, &Device::Cpu);
@@ -123,7 +86,7 @@ fn sd3_tiny_matches_diffusers() -> Result<()> {
 #[test]
 fn every_decoder_var_and_the_latent_get_a_gradient() -> Result<()> {
     for name in ["sdxl_tiny", "sd3_tiny"] {
-        let cfg = load_config(&fixture_dir(name));
+        let cfg: Config = common::config(&fixture_dir(name));
         let seeded = SeededVarMap::new(5);
         let vae = AutoencoderKL::decoder_only(seeded.var_builder(DType::F32, &Device::Cpu), &cfg)?;
         let expected = expected_tensors(|vb| AutoencoderKL::decoder_only(vb, &cfg))?;
@@ -148,10 +111,10 @@ fn every_decoder_var_and_the_latent_get_a_gradient() -> Result<()> {
 #[test]
 fn finite_difference_gradient_of_decode() -> Result<()> {
     let dir = fixture_dir("sdxl_tiny");
-    let cfg = load_config(&dir);
+    let cfg: Config = common::config(&dir);
     let vb = unsafe {
         VarBuilder::from_mmaped_safetensors(
-            &[dir.join("diffusion_pytorch_model.safetensors")],
+            &[dir.join(DIFFUSERS_WEIGHTS)],
             DType::F64,
             &Device::Cpu,
         )?
@@ -179,11 +142,11 @@ fn bad_inputs_and_configs_are_errors() -> Result<()> {
     let f = load_fixture("sdxl_tiny")?;
     // H, W must be multiples of 2 (one downsampler); channel counts must match.
     let odd = Tensor::zeros((1, 3, 7, 8), DType::F32, &Device::Cpu)?;
-    assert!(f.vae.encode(&odd).is_err());
+    assert!(f.model.encode(&odd).is_err());
     let wrong = Tensor::zeros((1, 16, 4, 4), DType::F32, &Device::Cpu)?;
-    let err = f.vae.decode(&wrong).unwrap_err().to_string();
+    let err = f.model.decode(&wrong).unwrap_err().to_string();
     assert!(err.contains("[1, 16, 4, 4]"), "{err}");
-    let posterior = f.vae.encode(&f.inputs["image"])?;
+    let posterior = f.model.encode(&f.inputs["image"])?;
     assert!(posterior.sample(&wrong).is_err());
     assert_eq!(posterior.kl()?.dims(), &[2]);
 

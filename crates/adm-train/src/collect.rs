@@ -5,6 +5,7 @@
 //! does its condition, so a collection split across ranks, or killed and resumed, writes
 //! exactly the pairs of one uninterrupted run.
 
+use adm_data::read_prompts;
 use adm_data::store::{
     noise_for_index, ConditionSpec, PairBatch, Partition, StoreDtype, StoreReader, StoreSpec,
     StoreWriter,
@@ -69,15 +70,36 @@ fn toy_class(ctx: &ToyContext, seed: u64, index: u64) -> u32 {
     ctx.mixture.sample(1, &mut rng).classes[0]
 }
 
+/// The classes that a prompt file asks for: every prompt must be a class id.
+fn toy_prompt_classes(ctx: &ToyContext, path: &std::path::Path) -> Result<Vec<u32>> {
+    let classes = ctx.mixture.num_classes();
+    read_prompts(path)?
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| match prompt.parse::<u32>() {
+            Ok(c) if (c as usize) < classes => Ok(c),
+            _ => anyhow::bail!(
+                "{}: prompt {} (`{prompt}`) is not a class id of the toy (0..{classes})",
+                path.display(),
+                i + 1
+            ),
+        })
+        .collect()
+}
+
 /// The store spec of the toy's pairs for one partition of the collection.
 pub fn toy_store_spec(ctx: &ToyContext, partition: Partition) -> StoreSpec {
     let c = &ctx.config;
+    let prompts = match &c.ode_pairs.prompts {
+        Some(path) => format!(" prompts={}", path.display()),
+        None => String::new(),
+    };
     let class_labels = ConditionSpec {
         shape: vec![],
         dtype: StoreDtype::U32,
     };
     StoreSpec {
-        teacher: format!("adm toy-mlp {}", teacher_fingerprint(ctx)),
+        teacher: format!("adm toy-mlp {}{prompts}", teacher_fingerprint(ctx)),
         schedule: serde_json::to_string(&c.schedule).expect("schedules serialise"),
         solver: "ddim".to_string(),
         steps: c.teacher.sampling_steps,
@@ -101,6 +123,14 @@ pub fn collect_toy_pairs_into(
 ) -> Result<StoreReader> {
     let spec = toy_store_spec(ctx, partition);
     let seed = spec.seed;
+    let prompt_classes = match &ctx.config.ode_pairs.prompts {
+        Some(path) => Some(toy_prompt_classes(ctx, path)?),
+        None => None,
+    };
+    let class_of = |i: u64| match &prompt_classes {
+        Some(classes) => classes[i as usize % classes.len()],
+        None => toy_class(ctx, seed, i),
+    };
     let writer = StoreWriter::open(dir, spec)
         .with_context(|| format!("ODE-pair store {}", dir.display()))?;
     let count = ctx.config.ode_pairs.count as u64;
@@ -110,7 +140,7 @@ pub fn collect_toy_pairs_into(
         ctx.config.ode_pairs.batch_size,
         &ctx.device,
         |indices, noise| {
-            let classes: Vec<u32> = indices.iter().map(|&i| toy_class(ctx, seed, i)).collect();
+            let classes: Vec<u32> = indices.iter().map(|&i| class_of(i)).collect();
             let labels = Tensor::new(classes.as_slice(), &ctx.device)?;
             let samples = teacher.sample(ctx, noise, &class_condition(labels.clone()))?;
             let prompts = classes.iter().map(|c| format!("class {c}")).collect();
@@ -123,4 +153,40 @@ pub fn collect_toy_pairs_into(
 /// The pipeline's pairs: `run_dir/ode-pairs`, whole.
 pub fn collect_toy_pairs(ctx: &ToyContext, teacher: &Teacher) -> Result<StoreReader> {
     collect_toy_pairs_into(ctx, teacher, &ctx.path("ode-pairs"), Partition::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::distill::tests::{random_teacher, tiny_context};
+
+    #[test]
+    fn a_prompt_file_sets_the_classes_in_order() -> Result<()> {
+        let prompts = std::env::temp_dir().join(format!("adm-classes-{}.txt", std::process::id()));
+        std::fs::write(&prompts, "1\n0\n1\n")?;
+        let ctx = tiny_context(
+            "prompts",
+            &[&format!("ode_pairs.prompts=\"{}\"", prompts.display())],
+        );
+        let teacher = random_teacher(&ctx);
+        let store = collect_toy_pairs(&ctx, &teacher)?;
+        let batch = store.get_batch(&[0, 1, 2, 3, 4], &ctx.device)?;
+        let labels = batch.condition(CLASS_LABELS).expect("class labels stored");
+        assert_eq!(labels.to_vec1::<u32>()?, [1, 0, 1, 1, 0]);
+
+        std::fs::write(&prompts, "1\nseven\n")?;
+        let bad = tiny_context(
+            "prompts-bad",
+            &[&format!("ode_pairs.prompts=\"{}\"", prompts.display())],
+        );
+        let err = collect_toy_pairs(&bad, &teacher)
+            .err()
+            .expect("a bad prompt must fail");
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("prompt 2") && message.contains("seven"),
+            "{message}"
+        );
+        Ok(())
+    }
 }

@@ -116,6 +116,10 @@ pub struct OdePairsConfig {
     pub count: usize,
     pub batch_size: usize,
     pub shard_size: usize,
+    /// Prompts (text: one per line, or JSONL with `prompt`) cycled over the pairs; for the
+    /// toy each prompt is a class id. Unset: classes drawn from the data's class prior.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PathBuf>,
 }
 
 /// How a student's network output becomes x0 (METHOD.md [choice]).

@@ -617,7 +617,7 @@ pub fn adm(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Every trainable network receives a gradient on every Var from the loss that trains
     //! it, and nothing reaches the frozen teacher.
 

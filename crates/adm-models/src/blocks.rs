@@ -1,0 +1,89 @@
+//! Building blocks the UNet and the VAE share: diffusers uses the same classes (and tensor
+//! names) in both.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// A biased `kernel`x`kernel` conv2d with the given stride and padding.
+pub(crate) fn conv(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    conv2d(cin, cout, kernel, cfg, vb)
+}
+
+/// diffusers' `ResnetBlock2D` with `time_embedding_norm = "default"`: the projected time
+/// embedding is added after conv1. Without `temb_channels` (the VAE) there is no
+/// `time_emb_proj` and no time embedding.
+#[derive(Debug, Clone)]
+pub(crate) struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        (groups, eps): (usize, f64),
+        cin: usize,
+        cout: usize,
+        temb_channels: Option<usize>,
+        output_scale_factor: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: match temb_channels {
+                Some(temb) => Some(linear(temb, cout, vb.pp("time_emb_proj"))?),
+                None => None,
+            },
+            norm2: group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv_shortcut: if cin != cout {
+                Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
+            output_scale_factor,
+        })
+    }
+
+    /// `temb` is required exactly when the block was built with `temb_channels`.
+    pub(crate) fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                h = h.broadcast_add(&t)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => candle_core::bail!("ResnetBlock2D: needs a time embedding"),
+            (None, Some(_)) => candle_core::bail!("ResnetBlock2D: has no time_emb_proj"),
+        }
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (skip + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
