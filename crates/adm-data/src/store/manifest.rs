@@ -144,9 +144,26 @@ impl Manifest {
         }
         self.spec.validate().map_err(|e| e.to_string())?;
         let shard_size = self.spec.shard_size;
+        // Every global index the shards can hold must fit in a u64 (and every position in a
+        // usize), so no index arithmetic below or in the reader can overflow.
+        let partition = self.spec.partition;
+        let capacity = (self.shards.len() as u64)
+            .checked_mul(shard_size as u64)
+            .filter(|&pairs| usize::try_from(pairs).is_ok());
+        if capacity
+            .and_then(|pairs| pairs.checked_mul(partition.world_size))
+            .and_then(|span| span.checked_add(partition.rank))
+            .is_none()
+        {
+            return Err(format!(
+                "shards: {} shards of {shard_size} pairs (world_size {}) overflow the index range",
+                self.shards.len(),
+                partition.world_size
+            ));
+        }
         for (i, shard) in self.shards.iter().enumerate() {
             let is_last = i + 1 == self.shards.len();
-            let expected_first = self.spec.partition.global_index((i * shard_size) as u64);
+            let expected_first = partition.global_index(i as u64 * shard_size as u64);
             let problem = if shard.first_index != expected_first {
                 Some(format!("first_index should be {expected_first}"))
             } else if shard.count == 0 || shard.count > shard_size {

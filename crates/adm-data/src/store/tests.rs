@@ -689,3 +689,35 @@ fn manifest_parsing_never_panics_on_damaged_input() {
     // Most mutations break something; the ones that parse are still valid manifests.
     assert!(accepted < 1500, "{accepted}");
 }
+
+/// Found by `fuzz/` (the `manifest` target, with overflow checks): huge shard sizes or world
+/// sizes made the index arithmetic overflow.
+#[test]
+fn manifest_index_range_overflow_is_an_error_not_a_panic() {
+    let huge = 1usize << 63;
+    let record = |first_index: u64, count: usize| ShardRecord {
+        file: format!("shard-{first_index:010}-{count:06}.safetensors"),
+        first_index,
+        count,
+        bytes: 10,
+        checksum: 0,
+    };
+    let manifest = Manifest {
+        shards: vec![record(0, huge), record(huge as u64, huge)],
+        ..Manifest::new(spec(StoreDtype::F16, huge))
+    };
+    let text = serde_json::to_vec(&manifest).unwrap();
+    let error = Manifest::parse(&text).unwrap_err();
+    assert!(error.contains("overflow the index range"), "{error}");
+
+    let mut wide = Manifest {
+        shards: vec![record(1, 2), record(1, 2)],
+        ..Manifest::new(spec(StoreDtype::F16, 2))
+    };
+    wide.spec.partition = Partition {
+        rank: 1,
+        world_size: 1 << 63,
+    };
+    let error = Manifest::parse(&serde_json::to_vec(&wide).unwrap()).unwrap_err();
+    assert!(error.contains("overflow the index range"), "{error}");
+}
