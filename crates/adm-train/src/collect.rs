@@ -179,9 +179,9 @@ mod tests {
             "prompts-bad",
             &[&format!("ode_pairs.prompts=\"{}\"", prompts.display())],
         );
-        let err = collect_toy_pairs(&bad, &teacher)
-            .err()
-            .expect("a bad prompt must fail");
+        let Err(err) = collect_toy_pairs(&bad, &teacher) else {
+            panic!("a bad prompt must fail");
+        };
         let message = format!("{err:#}");
         assert!(
             message.contains("prompt 2") && message.contains("seven"),
