@@ -28,6 +28,8 @@ Run (developers only; the Rust tests never need Python). Only PyPI is needed:
 The script is deterministic and overwrites the fixture folders; run it from anywhere.
 
 Further groups (run all by default, or name them: `make_fixtures.py vae clip counts`):
+  sampling  fixtures/unet/sdxl_tiny_sampling: 20-step DDIM (trailing) with classifier-free
+         guidance of the sdxl_tiny UNet (reads its weights: run after `unet`), float64.
   vae    fixtures/vae/{sdxl_tiny,sd3_tiny}: AutoencoderKL encode (mean, logvar, sample with
          given noise, scaled latents) and decode, float64 reference.
   clip   fixtures/clip/{clip_l_tiny,bigg_tiny}: CLIPTextModel / CLIPTextModelWithProjection
@@ -158,6 +160,86 @@ def make(name, spec, seed):
     size = sum(f.stat().st_size for f in out_dir.iterdir())
     print(f"{name}: {n_params} parameters, {size / 1024:.0f} KiB, |out| max {out.abs().max():.4f}")
     print("  taps:", json.dumps({k: list(v.shape) for k, v in taps.items()}))
+
+
+SAMPLING_OUT = OUT / "sdxl_tiny_sampling"
+SAMPLING_STEPS = 20
+SAMPLING_GUIDANCE = 5.0
+
+
+def make_sampling(seed):
+    """fixtures/unet/sdxl_tiny_sampling: a 20-step DDIM run of the sdxl_tiny UNet (its weights
+    are read from fixtures/unet/sdxl_tiny, not copied) with classifier-free guidance, float64.
+
+    diffusers' DDIMScheduler with SDXL's betas (scaled_linear 0.00085 -> 0.012, 1000 steps),
+    timestep_spacing "trailing", steps_offset 0, eta 0, epsilon prediction, clip_sample off and
+    set_alpha_to_one=True: the last step (t = 49 -> prev -1) then returns x0_hat, which is the
+    Rust sampler's convention (`ode_step` with s <= 0). Guidance as the SDXL pipeline does it:
+    one batch [negative; positive], eps = uncond + scale (cond - uncond).
+
+    inputs.safetensors (float32): noise, encoder_hidden_states, text_embeds, time_ids,
+    negative_encoder_hidden_states, negative_text_embeds; outputs.safetensors: timesteps
+    (the scheduler's, float64) and latents (the final sample, float64).
+    """
+    from diffusers import DDIMScheduler
+
+    unet = UNet2DConditionModel.from_pretrained(OUT / "sdxl_tiny").double().eval()
+    spec = MODELS["sdxl_tiny"]
+    batch, (_, length, width), pooled = 2, spec["context"], spec["pooled"]
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "noise": torch.randn(spec["sample"], generator=g),
+        "encoder_hidden_states": torch.randn((batch, length, width), generator=g),
+        "text_embeds": torch.randn((batch, pooled), generator=g),
+        "time_ids": torch.tensor(
+            [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [48.0, 80.0, 4.0, 8.0, 64.0, 64.0]]
+        ),
+        # A negative prompt is a different (smaller) embedding, not zeros.
+        "negative_encoder_hidden_states": 0.3 * torch.randn((batch, length, width), generator=g),
+        "negative_text_embeds": 0.3 * torch.randn((batch, pooled), generator=g),
+    }
+    SAMPLING_OUT.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in inputs.items()}, SAMPLING_OUT / "inputs.safetensors")
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="trailing",
+    )
+    scheduler.set_timesteps(SAMPLING_STEPS)
+    d = {k: v.double() for k, v in inputs.items()}
+    context = torch.cat([d["negative_encoder_hidden_states"], d["encoder_hidden_states"]])
+    added = {
+        "text_embeds": torch.cat([d["negative_text_embeds"], d["text_embeds"]]),
+        "time_ids": torch.cat([d["time_ids"], d["time_ids"]]),
+    }
+    latents = d["noise"] * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        both = unet(
+            torch.cat([latents, latents]),
+            t.double().expand(2 * batch),
+            encoder_hidden_states=context,
+            added_cond_kwargs=added,
+        ).sample
+        uncond, cond = both.chunk(2)
+        eps = uncond + SAMPLING_GUIDANCE * (cond - uncond)
+        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+    outputs = {
+        "timesteps": scheduler.timesteps.double().contiguous(),
+        "latents": latents.contiguous(),
+    }
+    save_file(outputs, SAMPLING_OUT / "outputs.safetensors")
+    size = sum(f.stat().st_size for f in SAMPLING_OUT.iterdir())
+    print(
+        f"sdxl_tiny_sampling: timesteps {scheduler.timesteps.tolist()}, {size / 1024:.0f} KiB, "
+        f"|latents| max {latents.abs().max():.4f}, dtype {latents.dtype}"
+    )
 
 
 VAE_OUT = ROOT / "crates" / "adm-models" / "tests" / "fixtures" / "vae"
@@ -483,7 +565,7 @@ def published_clip_counts():
         print(f"clip {name}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters")
 
 
-GROUPS = ("unet", "vae", "clip")
+GROUPS = ("unet", "sampling", "vae", "clip")
 
 
 def main():
@@ -497,6 +579,8 @@ def main():
     if "unet" in groups:
         for seed, (name, spec) in enumerate(MODELS.items()):
             make(name, spec, seed=1000 + 10 * seed)
+    if "sampling" in groups:
+        make_sampling(seed=1500)
     if "vae" in groups:
         for seed, (name, spec) in enumerate(VAE_MODELS.items()):
             make_vae(name, spec, seed=2000 + 10 * seed)
