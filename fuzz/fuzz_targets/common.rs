@@ -18,7 +18,10 @@ pub fn scratch_dir() -> &'static Path {
 
 /// Removes every file of the scratch directory, so no input sees the previous one's files.
 pub fn clear(dir: &Path) {
-    for entry in std::fs::read_dir(dir).expect("scratch directory readable").flatten() {
+    for entry in std::fs::read_dir(dir)
+        .expect("scratch directory readable")
+        .flatten()
+    {
         let _ = std::fs::remove_file(entry.path());
     }
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,18 @@ fn reference() -> &'static Path {
         run(collect_command(&dir, &[]));
         dir
     })
+}
+
+/// Tests in this file; the last one to finish removes this process's scratch folder.
+static TESTS_LEFT: AtomicUsize = AtomicUsize::new(3);
+
+fn done() {
+    if TESTS_LEFT.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let _ = fs::remove_dir_all(
+            Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("kill_resume-{}", std::process::id())),
+        );
+    }
 }
 
 /// A run folder holding a copy of the reference teacher, so nothing is retrained.
@@ -245,6 +258,7 @@ fn collection_killed_at_random_points_resumes_to_the_uninterrupted_store() {
         });
         fs::remove_dir_all(&run_dir).unwrap();
     }
+    done();
 }
 
 fn merge_command(out: &Path, inputs: &[PathBuf]) -> Command {
@@ -296,6 +310,7 @@ fn two_ranks_merged_equal_the_single_process_store_even_when_the_merge_is_killed
         assert_eq!(Manifest::read(input).unwrap().len(), PAIRS / 2);
     }
     fs::remove_dir_all(&run_dir).unwrap();
+    done();
 }
 
 #[test]
@@ -353,4 +368,5 @@ fn verify_names_corrupted_and_truncated_shards_and_fails() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     fs::remove_dir_all(&store).unwrap();
     fs::remove_dir_all(&empty).unwrap();
+    done();
 }

@@ -11,6 +11,8 @@
 //! ```
 //!
 //! `--dir` is created and deleted afterwards (unless `--keep`); it must not exist yet.
+//! `--existing` skips writing and only reads the store a `--keep` run left in `--dir`
+//! (same `--dtype` and `--gb`); the store is kept.
 //! Unix only (it shells out to `dd`, `cat` and `sync`).
 
 use std::path::{Path, PathBuf};
@@ -31,6 +33,8 @@ struct Options {
     batch: usize,
     cold: bool,
     keep: bool,
+    /// Read the store a `--keep` run left in `dir` (for profiling the reads).
+    existing: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -42,6 +46,7 @@ fn parse_args() -> Result<Options, String> {
         batch: 64,
         cold: true,
         keep: false,
+        existing: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -63,6 +68,7 @@ fn parse_args() -> Result<Options, String> {
             "--batch" => options.batch = value()?.parse().map_err(|e| format!("--batch: {e}"))?,
             "--no-cold" => options.cold = false,
             "--keep" => options.keep = true,
+            "--existing" => options.existing = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -211,21 +217,14 @@ fn read_passes(
     })
 }
 
-fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
+/// Writes the store and the `dd` file of the same size; returns (store write time, dd bytes,
+/// dd time).
+fn write_store(
+    options: &Options,
+    spec: StoreSpec,
+    pairs: usize,
+) -> Result<(Duration, u64, Duration), Box<dyn std::error::Error>> {
     let dir = &options.dir;
-    let spec = spec(options);
-    let latent: usize = LATENT.iter().product();
-    let pair_bytes = (2 * latent + POOLED) * options.dtype.size_in_bytes();
-    let pairs = ((options.gb * 1e9) as usize / pair_bytes).max(1);
-    println!(
-        "store_bench: {pairs} pairs of {:?} 2x{LATENT:?} + pooled[{POOLED}] ({:.3} MB/pair), \
-         shards of {}, batches of {}",
-        options.dtype,
-        pair_bytes as f64 / 1e6,
-        options.shard_size,
-        options.batch
-    );
-
     // Write: two pre-made batches, alternated, so data generation is not timed.
     let pool = [
         make_batch(options.batch, options.dtype, 1)?,
@@ -262,6 +261,30 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::remove_file(&dd_file)?;
     let dd_bytes = dd_blocks * (16 << 20);
 
+    Ok((write, dd_bytes, dd))
+}
+
+fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = &options.dir;
+    let spec = spec(options);
+    let latent: usize = LATENT.iter().product();
+    let pair_bytes = (2 * latent + POOLED) * options.dtype.size_in_bytes();
+    let pairs = ((options.gb * 1e9) as usize / pair_bytes).max(1);
+    println!(
+        "store_bench: {pairs} pairs of {:?} 2x{LATENT:?} + pooled[{POOLED}] ({:.3} MB/pair), \
+         shards of {}, batches of {}",
+        options.dtype,
+        pair_bytes as f64 / 1e6,
+        options.shard_size,
+        options.batch
+    );
+
+    let write = if options.existing {
+        None
+    } else {
+        Some(write_store(options, spec, pairs)?)
+    };
+    let store_bytes = dir_bytes(dir)?;
     let mut shard_files: Vec<String> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.path().display().to_string())
@@ -276,15 +299,17 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         store_bytes,
         shard_files.split(' ').count()
     );
-    let write_rate = mb_per_s(store_bytes, write);
-    let dd_rate = mb_per_s(dd_bytes, dd);
-    println!(
-        "write     {:>8.0} MB/s ({:.2} s) | dd conv=fsync {:>8.0} MB/s | ratio {:.2} (target 0.70)",
-        write_rate,
-        write.as_secs_f64(),
-        dd_rate,
-        write_rate / dd_rate
-    );
+    if let Some((write, dd_bytes, dd)) = write {
+        let write_rate = mb_per_s(store_bytes, write);
+        let dd_rate = mb_per_s(dd_bytes, dd);
+        println!(
+            "write     {:>8.0} MB/s ({:.2} s) | dd conv=fsync {:>8.0} MB/s | ratio {:.2} (target 0.70)",
+            write_rate,
+            write.as_secs_f64(),
+            dd_rate,
+            write_rate / dd_rate
+        );
+    }
 
     let mut cache_states = vec![false];
     if options.cold {
@@ -309,7 +334,7 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    if !options.keep {
+    if !options.keep && !options.existing {
         std::fs::remove_dir_all(dir)?;
     }
     Ok(())
@@ -323,7 +348,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if options.dir.exists() {
+    if options.dir.exists() && !options.existing {
         eprintln!(
             "store_bench: {} exists; pass a new directory",
             options.dir.display()
@@ -333,7 +358,7 @@ fn main() {
     if let Err(e) = run(&options) {
         eprintln!("store_bench: {e}");
         // Only ever the directory this run created.
-        if !options.keep && options.dir.exists() {
+        if !options.keep && !options.existing && options.dir.exists() {
             let _ = std::fs::remove_dir_all(&options.dir);
         }
         std::process::exit(1);

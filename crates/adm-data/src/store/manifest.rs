@@ -198,11 +198,22 @@ impl Manifest {
 /// Writes `dir/name` so that after a crash it holds either its old content or all of `bytes`:
 /// write a temporary file, fsync it, rename it over the target, fsync the directory.
 pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DataError> {
+    write_atomically_parts(dir, name, &[bytes])
+}
+
+/// [`write_atomically`] for a file given as consecutive pieces.
+pub(crate) fn write_atomically_parts(
+    dir: &Path,
+    name: &str,
+    parts: &[&[u8]],
+) -> Result<(), DataError> {
     let target = dir.join(name);
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     let write_tmp = || -> std::io::Result<()> {
         let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
+        for part in parts {
+            file.write_all(part)?;
+        }
         file.sync_all()
     };
     write_tmp().map_err(|e| DataError::file(&tmp, e))?;

@@ -7,13 +7,13 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::{CpuStorage, Device, Storage, Tensor};
-use safetensors::tensor::Metadata;
-use safetensors::{Dtype as StDtype, View};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype as StDtype;
 use serde::{Deserialize, Serialize};
 
 use super::manifest::ShardRecord;
-use super::spec::{Partition, TensorLayout, NOISE, SAMPLE};
+use super::spec::{Partition, StoreDtype, TensorLayout, NOISE, SAMPLE};
 use super::PairBatch;
 use crate::DataError;
 
@@ -54,7 +54,11 @@ impl RawPairs {
 
     pub fn append(&mut self, other: RawPairs) {
         for (mine, theirs) in self.tensors.iter_mut().zip(other.tensors) {
-            mine.extend_from_slice(&theirs);
+            if mine.is_empty() && mine.capacity() < theirs.len() {
+                *mine = theirs;
+            } else {
+                mine.extend_from_slice(&theirs);
+            }
         }
         self.indices.extend(other.indices);
         self.prompts.extend(other.prompts);
@@ -91,8 +95,12 @@ impl RawPairs {
         self.prompts.push(from.prompts[row].clone());
     }
 
-    /// Checks a batch against the layouts and converts it to storage form.
-    pub fn from_batch(batch: &PairBatch, layouts: &[TensorLayout]) -> Result<Self, DataError> {
+    /// Checks a batch against the layouts; returns its tensors in layout order, in the
+    /// stored dtypes, contiguous on the CPU, ready for [`RawPairs::extend_from_checked`].
+    pub fn check_batch(
+        batch: &PairBatch,
+        layouts: &[TensorLayout],
+    ) -> Result<Vec<Tensor>, DataError> {
         let rows = batch.indices.len();
         if batch.prompts.len() != rows {
             return Err(DataError::invalid(
@@ -111,7 +119,7 @@ impl RawPairs {
                 ));
             }
         }
-        let tensors = layouts
+        layouts
             .iter()
             .map(|layout| {
                 let field = match layout.name.as_str() {
@@ -128,14 +136,40 @@ impl RawPairs {
                         format!("expected shape {expected:?}, got {:?}", tensor.dims()),
                     ));
                 }
-                tensor_le_bytes(&tensor.to_dtype(layout.dtype.candle())?)
+                Ok(tensor
+                    .to_dtype(layout.dtype.candle())?
+                    .to_device(&Device::Cpu)?
+                    .contiguous()?)
             })
-            .collect::<Result<_, DataError>>()?;
-        Ok(Self {
-            tensors,
-            indices: batch.indices.clone(),
-            prompts: batch.prompts.clone(),
-        })
+            .collect()
+    }
+
+    /// Appends a batch checked by [`RawPairs::check_batch`], converting its tensors straight
+    /// into the buffers (no intermediate copy). On error nothing is appended.
+    pub fn extend_from_checked(
+        &mut self,
+        tensors: &[Tensor],
+        batch: &PairBatch,
+    ) -> Result<(), DataError> {
+        let old_lengths: Vec<usize> = self.tensors.iter().map(Vec::len).collect();
+        for (bytes, tensor) in self.tensors.iter_mut().zip(tensors) {
+            if let Err(e) = append_le_bytes(tensor, bytes) {
+                for (bytes, &len) in self.tensors.iter_mut().zip(&old_lengths) {
+                    bytes.truncate(len);
+                }
+                return Err(e);
+            }
+        }
+        self.indices.extend_from_slice(&batch.indices);
+        self.prompts.extend_from_slice(&batch.prompts);
+        Ok(())
+    }
+
+    /// Empties the buffers, keeping their allocations for the next shard.
+    pub fn clear(&mut self) {
+        self.tensors.iter_mut().for_each(Vec::clear);
+        self.indices.clear();
+        self.prompts.clear();
     }
 
     /// Builds tensors on `device`, floats converted to f32.
@@ -145,7 +179,7 @@ impl RawPairs {
         device: &Device,
     ) -> Result<PairBatch, DataError> {
         let rows = self.len();
-        let mut named = layouts
+        let tensors = layouts
             .iter()
             .zip(&self.tensors)
             .map(|(layout, bytes)| {
@@ -155,44 +189,188 @@ impl RawPairs {
                     &layout.batch_shape(rows),
                     device,
                 )?;
-                Ok((
-                    layout.name.clone(),
-                    stored.to_dtype(layout.dtype.read_dtype())?,
-                ))
+                Ok(stored.to_dtype(layout.dtype.read_dtype())?)
             })
             .collect::<Result<Vec<_>, DataError>>()?;
-        let conditions = named.split_off(2.min(named.len()));
-        let Ok([(_, noise), (_, sample)]) = <[(String, Tensor); 2]>::try_from(named) else {
-            return Err(DataError::Tensor("a store needs noise and sample".into()));
-        };
-        Ok(PairBatch {
-            noise,
-            sample,
-            conditions,
-            prompts: self.prompts,
-            indices: self.indices,
+        pair_batch(layouts, tensors, self.prompts, self.indices)
+    }
+}
+
+/// Names the tensors (in layout order: noise, sample, conditions) and builds the batch.
+pub(crate) fn pair_batch(
+    layouts: &[TensorLayout],
+    tensors: Vec<Tensor>,
+    prompts: Vec<String>,
+    indices: Vec<u64>,
+) -> Result<PairBatch, DataError> {
+    let mut named: Vec<(String, Tensor)> = layouts
+        .iter()
+        .map(|layout| layout.name.clone())
+        .zip(tensors)
+        .collect();
+    let conditions = named.split_off(2.min(named.len()));
+    let Ok([(_, noise), (_, sample)]) = <[(String, Tensor); 2]>::try_from(named) else {
+        return Err(DataError::Tensor("a store needs noise and sample".into()));
+    };
+    Ok(PairBatch {
+        noise,
+        sample,
+        conditions,
+        prompts,
+        indices,
+    })
+}
+
+/// Bytes read per `pread` when decoding float rows: small enough that the conversion reads
+/// them back from cache, large enough to amortise the syscall. A multiple of every element
+/// size, so no element straddles two reads.
+pub(crate) const STAGING_BYTES: usize = 256 << 10;
+
+/// One tensor of a batch being read on the CPU: float storage decoded to f32 as it is read
+/// (no full-size copy in the stored type), integer storage kept as little-endian bytes.
+pub(crate) enum Decoded {
+    F32(Vec<f32>),
+    Bytes(Vec<u8>),
+}
+
+impl Decoded {
+    /// Room for `rows` rows; every row is then filled by [`ShardFile::read_run_decoded`].
+    pub fn zeroed(layout: &TensorLayout, rows: usize) -> Self {
+        if layout.dtype.is_float() {
+            Self::F32(vec![0.0; rows * layout.shape.iter().product::<usize>()])
+        } else {
+            Self::Bytes(vec![0; rows * layout.item_bytes()])
+        }
+    }
+
+    /// Cuts the buffer into consecutive pieces of `rows` rows each, in order (together they
+    /// must cover every row).
+    pub fn split_rows(
+        &mut self,
+        layout: &TensorLayout,
+        rows: impl IntoIterator<Item = usize>,
+    ) -> Vec<Target<'_>> {
+        match self {
+            Self::F32(values) => {
+                let per_row = layout.shape.iter().product::<usize>();
+                let mut rest: &mut [f32] = values;
+                rows.into_iter()
+                    .map(|n| {
+                        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(n * per_row);
+                        rest = tail;
+                        Target::F32(piece)
+                    })
+                    .collect()
+            }
+            Self::Bytes(bytes) => {
+                let per_row = layout.item_bytes();
+                let mut rest: &mut [u8] = bytes;
+                rows.into_iter()
+                    .map(|n| {
+                        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(n * per_row);
+                        rest = tail;
+                        Target::Bytes(piece)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    pub fn into_tensor(self, layout: &TensorLayout, rows: usize) -> Result<Tensor, DataError> {
+        let shape = layout.batch_shape(rows);
+        Ok(match self {
+            Self::F32(values) => Tensor::from_vec(values, shape, &Device::Cpu)?,
+            Self::Bytes(bytes) => {
+                Tensor::from_raw_buffer(&bytes, layout.dtype.candle(), &shape, &Device::Cpu)?
+            }
         })
     }
 }
 
-/// The little-endian bytes of a tensor in its own dtype.
-fn tensor_le_bytes(tensor: &Tensor) -> Result<Vec<u8>, DataError> {
+/// Some consecutive rows of one [`Decoded`] tensor: what one read fills.
+pub(crate) enum Target<'a> {
+    F32(&'a mut [f32]),
+    Bytes(&'a mut [u8]),
+}
+
+/// bf16 -> f32 exactly as `half` 2 (candle's conversion) does it: NaNs get the quiet bit.
+fn bf16_to_f32(bits: u16) -> f32 {
+    let bits = if bits & 0x7fff > 0x7f80 {
+        bits | 0x0040
+    } else {
+        bits
+    };
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// Converts little-endian floats of `dtype` to f32, `out.len()` of them.
+fn decode_floats(dtype: StoreDtype, bytes: &[u8], out: &mut [f32]) -> Result<(), DataError> {
+    match dtype {
+        // Blocks of 8 fixed-size arrays, so the loops compile to wide loads and stores.
+        StoreDtype::F32 => {
+            let mut blocks = out.chunks_exact_mut(8);
+            let mut sources = bytes.chunks_exact(32);
+            for (block, source) in (&mut blocks).zip(&mut sources) {
+                for (value, b) in block.iter_mut().zip(source.chunks_exact(4)) {
+                    *value = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            let tail = sources.remainder().chunks_exact(4);
+            for (value, b) in blocks.into_remainder().iter_mut().zip(tail) {
+                *value = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        StoreDtype::Bf16 => {
+            let mut blocks = out.chunks_exact_mut(8);
+            let mut sources = bytes.chunks_exact(16);
+            for (block, source) in (&mut blocks).zip(&mut sources) {
+                // Always arrays (exact chunks); the conversion only tells the compiler.
+                let (Ok(block), Ok(source)) = (
+                    <&mut [f32; 8]>::try_from(block),
+                    <&[u8; 16]>::try_from(source),
+                ) else {
+                    continue;
+                };
+                for (k, value) in block.iter_mut().enumerate() {
+                    *value = bf16_to_f32(u16::from_le_bytes([source[2 * k], source[2 * k + 1]]));
+                }
+            }
+            let tail = sources.remainder().chunks_exact(2);
+            for (value, b) in blocks.into_remainder().iter_mut().zip(tail) {
+                *value = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+        _ => {
+            // f16: candle's own conversion, one cache-sized chunk at a time.
+            let converted =
+                Tensor::from_raw_buffer(bytes, dtype.candle(), &[out.len()], &Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
+            out.copy_from_slice(&converted);
+        }
+    }
+    Ok(())
+}
+
+/// Appends the little-endian bytes of a contiguous CPU tensor, in its own dtype, to `out`.
+fn append_le_bytes(tensor: &Tensor, out: &mut Vec<u8>) -> Result<(), DataError> {
     fn le_bytes<T: Copy, const N: usize>(
         values: &[T],
         range: (usize, usize),
+        out: &mut Vec<u8>,
         to_le: impl Fn(T) -> [u8; N],
-    ) -> Result<Vec<u8>, DataError> {
+    ) -> Result<(), DataError> {
         let values = values
             .get(range.0..range.1)
             .ok_or_else(|| DataError::Tensor("tensor layout exceeds its storage".into()))?;
-        let mut bytes = Vec::with_capacity(values.len() * N);
-        for &value in values {
-            bytes.extend_from_slice(&to_le(value));
+        let start = out.len();
+        out.resize(start + values.len() * N, 0);
+        for (bytes, &value) in out[start..].chunks_exact_mut(N).zip(values) {
+            bytes.copy_from_slice(&to_le(value));
         }
-        Ok(bytes)
+        Ok(())
     }
 
-    let tensor = tensor.to_device(&Device::Cpu)?.contiguous()?;
     let (storage, layout) = tensor.storage_and_layout();
     let range = layout
         .contiguous_offsets()
@@ -201,11 +379,11 @@ fn tensor_le_bytes(tensor: &Tensor) -> Result<Vec<u8>, DataError> {
         return Err(DataError::Tensor("expected a CPU tensor".into()));
     };
     match cpu {
-        CpuStorage::F32(v) => le_bytes(v, range, f32::to_le_bytes),
-        CpuStorage::F16(v) => le_bytes(v, range, |x| x.to_le_bytes()),
-        CpuStorage::BF16(v) => le_bytes(v, range, |x| x.to_le_bytes()),
-        CpuStorage::U32(v) => le_bytes(v, range, u32::to_le_bytes),
-        CpuStorage::I64(v) => le_bytes(v, range, i64::to_le_bytes),
+        CpuStorage::F32(v) => le_bytes(v, range, out, f32::to_le_bytes),
+        CpuStorage::F16(v) => le_bytes(v, range, out, |x| x.to_le_bytes()),
+        CpuStorage::BF16(v) => le_bytes(v, range, out, |x| x.to_le_bytes()),
+        CpuStorage::U32(v) => le_bytes(v, range, out, u32::to_le_bytes),
+        CpuStorage::I64(v) => le_bytes(v, range, out, i64::to_le_bytes),
         _ => Err(DataError::Tensor(format!(
             "dtype {:?} cannot be stored",
             tensor.dtype()
@@ -213,52 +391,66 @@ fn tensor_le_bytes(tensor: &Tensor) -> Result<Vec<u8>, DataError> {
     }
 }
 
-struct ByteView<'a> {
-    dtype: StDtype,
-    shape: Vec<usize>,
-    bytes: &'a [u8],
-}
+/// Largest header `safetensors::serialize` writes (its `MAX_HEADER_SIZE`).
+const MAX_SERIALIZED_HEADER: usize = 100_000_000;
 
-impl View for ByteView<'_> {
-    fn dtype(&self) -> StDtype {
-        self.dtype
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.bytes)
-    }
-
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
-/// Serialises pairs as a shard file. Deterministic: the same pairs give the same bytes.
-pub(crate) fn encode_shard(
+/// A shard file in pieces: the header (8-byte length and JSON) and the tensor buffers in
+/// file order. The same bytes `safetensors::serialize` writes (tensors sorted by descending
+/// dtype, then name; header padded with spaces to 8 bytes), without copying the data into
+/// one buffer. Deterministic: the same pairs give the same bytes.
+pub(crate) fn encode_shard<'a>(
     layouts: &[TensorLayout],
-    pairs: &RawPairs,
-) -> Result<Vec<u8>, DataError> {
-    let views = layouts.iter().zip(&pairs.tensors).map(|(layout, bytes)| {
-        let view = ByteView {
-            dtype: layout.dtype.candle().into(),
-            shape: layout.batch_shape(pairs.len()),
-            bytes,
-        };
-        (layout.name.clone(), view)
+    pairs: &'a RawPairs,
+) -> Result<Vec<Cow<'a, [u8]>>, DataError> {
+    let rows = pairs.len();
+    let st_dtype = |i: usize| StDtype::from(layouts[i].dtype.candle());
+    let mut order: Vec<usize> = (0..layouts.len()).collect();
+    order.sort_by(|&a, &b| {
+        st_dtype(b)
+            .cmp(&st_dtype(a))
+            .then(layouts[a].name.cmp(&layouts[b].name))
     });
-    let metadata = PairsMetadata {
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(order.len());
+    for &i in &order {
+        let len = pairs.tensors[i].len();
+        let info = TensorInfo {
+            dtype: st_dtype(i),
+            shape: layouts[i].batch_shape(rows),
+            data_offsets: (offset, offset + len),
+        };
+        offset += len;
+        infos.push((layouts[i].name.clone(), info));
+    }
+    let pairs_metadata = PairsMetadata {
         indices: pairs.indices.clone(),
         prompts: pairs.prompts.clone(),
     };
-    let metadata =
-        serde_json::to_string(&metadata).map_err(|e| DataError::Tensor(e.to_string()))?;
-    let info = HashMap::from([(PAIRS_METADATA_KEY.to_string(), metadata)]);
-    safetensors::serialize(views, Some(info))
-        .map_err(|e| DataError::Tensor(format!("cannot serialise shard: {e}")))
+    let pairs_metadata =
+        serde_json::to_string(&pairs_metadata).map_err(|e| DataError::Tensor(e.to_string()))?;
+    let info = HashMap::from([(PAIRS_METADATA_KEY.to_string(), pairs_metadata)]);
+    let metadata = Metadata::new(Some(info), infos)
+        .map_err(|e| DataError::Tensor(format!("cannot serialise shard: {e}")))?;
+    let mut json = serde_json::to_string(&metadata)
+        .map_err(|e| DataError::Tensor(format!("cannot serialise shard: {e}")))?
+        .into_bytes();
+    json.resize(json.len().next_multiple_of(8), b' ');
+    if json.len() > MAX_SERIALIZED_HEADER {
+        return Err(DataError::Tensor(format!(
+            "cannot serialise shard: header of {} bytes is too large",
+            json.len()
+        )));
+    }
+    let mut header = Vec::with_capacity(8 + json.len());
+    header.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    header.extend_from_slice(&json);
+    let mut parts = vec![Cow::Owned(header)];
+    parts.extend(
+        order
+            .iter()
+            .map(|&i| Cow::Borrowed(pairs.tensors[i].as_slice())),
+    );
+    Ok(parts)
 }
 
 /// A shard whose header has been read and checked against the manifest and spec; rows are
@@ -377,6 +569,39 @@ impl ShardFile {
         File::open(&self.path).map_err(|e| DataError::file(&self.path, e))
     }
 
+    /// Reads rows `first_row..first_row + rows` of every tensor into `out` (one [`Target`]
+    /// of exactly that many rows per layout); floats are read in `staging`-sized chunks and
+    /// decoded to f32 while they are still in cache.
+    pub fn read_run_decoded(
+        &self,
+        file: &File,
+        first_row: usize,
+        layouts: &[TensorLayout],
+        out: &mut [Target<'_>],
+        staging: &mut [u8],
+    ) -> Result<(), DataError> {
+        let read = |buf: &mut [u8], at: u64| {
+            read_exact_at(file, buf, at)
+                .map_err(|e| DataError::file(&self.path, format!("read failed: {e}")))
+        };
+        for ((layout, &offset), target) in layouts.iter().zip(&self.data_offsets).zip(out) {
+            let mut at = offset + (first_row * layout.item_bytes()) as u64;
+            match target {
+                Target::Bytes(bytes) => read(bytes, at)?,
+                Target::F32(values) => {
+                    let size = layout.dtype.size_in_bytes();
+                    for values in values.chunks_mut((staging.len() / size).max(1)) {
+                        let chunk = &mut staging[..values.len() * size];
+                        read(chunk, at)?;
+                        decode_floats(layout.dtype, chunk, values)?;
+                        at += chunk.len() as u64;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Appends the given rows (in order) to `out`, coalescing runs of consecutive rows into
     /// one read per tensor.
     pub fn read_rows(
@@ -436,4 +661,112 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use safetensors::View;
+
+    use super::*;
+
+    struct ByteView<'a> {
+        dtype: StDtype,
+        shape: Vec<usize>,
+        bytes: &'a [u8],
+    }
+
+    impl View for ByteView<'_> {
+        fn dtype(&self) -> StDtype {
+            self.dtype
+        }
+
+        fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+
+        fn data(&self) -> Cow<'_, [u8]> {
+            Cow::Borrowed(self.bytes)
+        }
+
+        fn data_len(&self) -> usize {
+            self.bytes.len()
+        }
+    }
+
+    /// The shard encoding before it was split into pieces: `safetensors::serialize`.
+    fn serialize_with_safetensors(
+        layouts: &[TensorLayout],
+        pairs: &RawPairs,
+    ) -> Result<Vec<u8>, DataError> {
+        let views = layouts.iter().zip(&pairs.tensors).map(|(layout, bytes)| {
+            let view = ByteView {
+                dtype: layout.dtype.candle().into(),
+                shape: layout.batch_shape(pairs.len()),
+                bytes,
+            };
+            (layout.name.clone(), view)
+        });
+        let metadata = PairsMetadata {
+            indices: pairs.indices.clone(),
+            prompts: pairs.prompts.clone(),
+        };
+        let metadata =
+            serde_json::to_string(&metadata).map_err(|e| DataError::Tensor(e.to_string()))?;
+        let info = HashMap::from([(PAIRS_METADATA_KEY.to_string(), metadata)]);
+        safetensors::serialize(views, Some(info))
+            .map_err(|e| DataError::Tensor(format!("cannot serialise shard: {e}")))
+    }
+
+    #[test]
+    fn shard_pieces_equal_safetensors_serialize() {
+        use super::super::spec::StoreSpec;
+        let spec: StoreSpec = serde_json::from_value(serde_json::json!({
+            "teacher": "t", "schedule": "s", "solver": "ddim", "steps": 4, "cfg_scale": 2.0,
+            "seed": 1, "dtype": "bf16", "noise_shape": [3, 5], "sample_shape": [2, 7],
+            "conditions": {
+                "class_labels": {"shape": [], "dtype": "u32"},
+                "time_ids": {"shape": [6], "dtype": "f32"},
+                "a_ids": {"shape": [2], "dtype": "i64"},
+                "pooled": {"shape": [4], "dtype": "f16"}
+            },
+            "shard_size": 8
+        }))
+        .unwrap();
+        let layouts = spec.tensor_layouts();
+        for rows in [0usize, 1, 5] {
+            let mut pairs = RawPairs::empty(&layouts);
+            for (k, (bytes, layout)) in pairs.tensors.iter_mut().zip(&layouts).enumerate() {
+                *bytes = (0..rows * layout.item_bytes())
+                    .map(|i| (i * 31 + k * 7) as u8)
+                    .collect();
+            }
+            pairs.indices = (0..rows as u64).map(|i| i * 3 + 1).collect();
+            pairs.prompts = (0..rows)
+                .map(|i| format!("prompt \"{i}\" \u{e9}"))
+                .collect();
+            let pieces: Vec<u8> = encode_shard(&layouts, &pairs).unwrap().concat();
+            assert_eq!(
+                pieces,
+                serialize_with_safetensors(&layouts, &pairs).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_decoding_matches_candle_for_every_bit_pattern() {
+        let bits: Vec<u16> = (0..=u16::MAX).collect();
+        let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let mut ours = vec![0f32; bits.len()];
+        decode_floats(StoreDtype::Bf16, &bytes, &mut ours).unwrap();
+        let candle: Vec<f32> =
+            Tensor::from_raw_buffer(&bytes, DType::BF16, &[bits.len()], &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        for ((b, x), y) in bits.iter().zip(&ours).zip(&candle) {
+            assert_eq!(x.to_bits(), y.to_bits(), "bf16 bits {b:#06x}");
+        }
+    }
 }

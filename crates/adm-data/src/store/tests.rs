@@ -721,3 +721,60 @@ fn manifest_index_range_overflow_is_an_error_not_a_panic() {
     let error = Manifest::parse(&serde_json::to_vec(&wide).unwrap()).unwrap_err();
     assert!(error.contains("overflow the index range"), "{error}");
 }
+
+/// The CPU read path (chunked reads decoded to f32 on the fly, on one thread or several)
+/// returns exactly what the stored bytes converted by candle give, for every dtype, for rows
+/// larger than one read chunk, shuffled and repeated positions, and runs across shards.
+#[test]
+fn cpu_reads_decode_like_candle_across_chunks_and_shards() {
+    for dtype in [StoreDtype::F32, StoreDtype::F16, StoreDtype::Bf16] {
+        let dir = TempDir::new("decode");
+        let small = spec(dtype, 4);
+        let spec = StoreSpec {
+            // 200x170 elements: 136 kB per f32 row, so runs of rows span several reads.
+            noise_shape: vec![200, 170],
+            sample_shape: vec![200, 170],
+            ..small.clone()
+        };
+        let mut writer = StoreWriter::open(&dir.0, spec.clone()).unwrap();
+        let elements = 200 * 170;
+        let indices: Vec<u64> = (0..11).collect();
+        let base = teacher_batch(&small, &indices);
+        let values: Vec<f32> = (0..11 * elements)
+            .map(|k| ((k as f32) * 0.37).sin() * 3.0)
+            .collect();
+        let noise = Tensor::from_vec(values, (11, 200, 170), &Device::Cpu).unwrap();
+        writer
+            .append(PairBatch {
+                sample: (&noise * -0.5).unwrap(),
+                noise,
+                ..base
+            })
+            .unwrap();
+        writer.finish().unwrap();
+
+        let reader = StoreReader::open(&dir.0).unwrap();
+        for positions in [
+            (0..11).collect::<Vec<u64>>(),
+            vec![10, 3, 4, 5, 3, 0, 9, 8, 1, 2, 2],
+            vec![2, 3, 4, 5, 6],
+            vec![7],
+            vec![],
+        ] {
+            let fast = reader.get_batch(&positions, &Device::Cpu).unwrap();
+            let reference = reader
+                .read_raw(&positions)
+                .unwrap()
+                .into_batch(reader.layouts(), &Device::Cpu)
+                .unwrap();
+            assert_eq!(fast.noise.dims(), reference.noise.dims());
+            assert_eq!(fast.noise.dtype(), DType::F32);
+            assert_same_batch(&fast, &reference);
+            // Several threads, in pieces of one row or of two.
+            for piece_bytes in [1, 2 * 200 * 170 * 4 * 2] {
+                let parallel = reader.read_decoded(&positions, 3, piece_bytes).unwrap();
+                assert_same_batch(&parallel, &reference);
+            }
+        }
+    }
+}

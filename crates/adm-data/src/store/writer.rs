@@ -3,9 +3,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::checksum::{xxh64, xxh64_file};
+use super::checksum::{xxh64_file, Xxh64};
 use super::manifest::{
-    is_shard_file_name, shard_file_name, sync_dir, write_atomically, Manifest, ShardRecord,
+    is_shard_file_name, shard_file_name, sync_dir, write_atomically_parts, Manifest, ShardRecord,
     MANIFEST_FILE, TMP_SUFFIX,
 };
 use super::shard::{encode_shard, RawPairs, ShardFile};
@@ -163,14 +163,31 @@ impl StoreWriter {
     /// Buffers a batch, committing a shard whenever `shard_size` pairs are buffered.
     /// `batch.indices` must be the next indices this store expects.
     pub fn append(&mut self, batch: PairBatch) -> Result<(), DataError> {
-        let pairs = RawPairs::from_batch(&batch, &self.layouts)?;
-        self.append_raw(pairs)
+        let tensors = RawPairs::check_batch(&batch, &self.layouts)?;
+        self.check_indices(&batch.indices)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.reopen_partial_shard()?;
+        self.buffer.extend_from_checked(&tensors, &batch)?;
+        self.commit_full_shards()
     }
 
     pub(crate) fn append_raw(&mut self, pairs: RawPairs) -> Result<(), DataError> {
+        self.check_indices(&pairs.indices)?;
+        if pairs.len() == 0 {
+            return Ok(());
+        }
+        self.reopen_partial_shard()?;
+        self.buffer.append(pairs);
+        self.commit_full_shards()
+    }
+
+    /// `indices` must be the next global indices this store expects.
+    fn check_indices(&self, indices: &[u64]) -> Result<(), DataError> {
         let partition = self.manifest.spec.partition;
         let first_local = self.next_local();
-        for (k, &index) in pairs.indices.iter().enumerate() {
+        for (k, &index) in indices.iter().enumerate() {
             let expected = partition.global_index(first_local + k as u64);
             if index != expected {
                 return Err(DataError::invalid(
@@ -179,11 +196,10 @@ impl StoreWriter {
                 ));
             }
         }
-        if pairs.len() == 0 {
-            return Ok(());
-        }
-        self.reopen_partial_shard()?;
-        self.buffer.append(pairs);
+        Ok(())
+    }
+
+    fn commit_full_shards(&mut self) -> Result<(), DataError> {
         while self.buffer.len() >= self.manifest.spec.shard_size {
             self.commit(self.manifest.spec.shard_size)?;
         }
@@ -233,12 +249,15 @@ impl StoreWriter {
 
     /// Writes the first `rows` buffered pairs as a shard; on failure they stay buffered.
     fn commit(&mut self, rows: usize) -> Result<(), DataError> {
-        let shard = self.buffer.split_front(rows, &self.layouts);
+        let mut shard = self.buffer.split_front(rows, &self.layouts);
         let result = self.write_shard(&shard);
-        if result.is_err() {
-            let rest = std::mem::replace(&mut self.buffer, shard);
-            self.buffer.append(rest);
+        // Either way the shard's buffers (with their allocation) become the buffer again:
+        // holding its pairs on failure, empty and reused for the next shard on success.
+        if result.is_ok() {
+            shard.clear();
         }
+        let rest = std::mem::replace(&mut self.buffer, shard);
+        self.buffer.append(rest);
         result
     }
 
@@ -248,15 +267,18 @@ impl StoreWriter {
             .spec
             .partition
             .global_index(self.manifest.len() as u64);
-        let bytes = encode_shard(&self.layouts, shard)?;
+        let parts = encode_shard(&self.layouts, shard)?;
+        let parts: Vec<&[u8]> = parts.iter().map(|part| part.as_ref()).collect();
+        let mut hasher = Xxh64::new();
+        parts.iter().for_each(|part| hasher.update(part));
         let record = ShardRecord {
             file: shard_file_name(first_index, shard.len()),
             first_index,
             count: shard.len(),
-            bytes: bytes.len() as u64,
-            checksum: xxh64(&bytes),
+            bytes: parts.iter().map(|part| part.len() as u64).sum(),
+            checksum: hasher.finish(),
         };
-        write_atomically(&self.dir, &record.file, &bytes)?;
+        write_atomically_parts(&self.dir, &record.file, &parts)?;
         self.manifest.shards.push(record);
         if let Err(e) = self.manifest.write(&self.dir) {
             self.manifest.shards.pop();
