@@ -1,6 +1,7 @@
 //! Throughput of the ODE-pair store against the disk: writes a store of SDXL-latent-sized
 //! pairs (noise and sample 4x128x128, a small `pooled` condition), then reads it back in
-//! order and shuffled with `StoreReader::get_batch`, from a warm page cache and (when
+//! order and shuffled with `StoreReader::get_batch` (fresh f32 tensors) and with
+//! `StoreReader::read_stored` (stored bytes into one reused batch), from a warm page cache and (when
 //! `/proc/sys/vm/drop_caches` is writable) a cold one. Baselines on the same disk:
 //! `dd if=/dev/zero bs=16M conv=fsync` for writing, `cat shards > /dev/null` for reading.
 //! Results: docs/benchmarks.md.
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use adm_data::store::{PairBatch, StoreDtype, StoreReader, StoreSpec, StoreWriter};
+use adm_data::store::{PairBatch, StoreDtype, StoreReader, StoreSpec, StoreWriter, StoredBatch};
 use candle_core::{Device, Tensor};
 
 const LATENT: [usize; 3] = [4, 128, 128];
@@ -172,6 +173,41 @@ struct Reads {
     cat: Duration,
     sequential: Duration,
     shuffled: Duration,
+    stored_sequential: Duration,
+    stored_shuffled: Duration,
+}
+
+/// How a pass reads its batches.
+#[derive(Clone, Copy)]
+enum ReadMode {
+    /// `get_batch` on the CPU: fresh f32 tensors per batch.
+    F32Tensors,
+    /// `read_stored` into one reused `StoredBatch`: the stored bytes.
+    StoredBytes,
+}
+
+/// One timed pass over the store (in order or shuffled), from opening it to the last batch.
+fn timed_pass(
+    dir: &Path,
+    shuffled: bool,
+    batch: usize,
+    mode: ReadMode,
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let start = Instant::now();
+    let reader = StoreReader::open(dir)?;
+    let order: Vec<u64> = if shuffled {
+        reader.epoch_indices(1, 0, 0, 1)?
+    } else {
+        (0..reader.len() as u64).collect()
+    };
+    let mut stored = StoredBatch::default();
+    for chunk in order.chunks(batch) {
+        match mode {
+            ReadMode::F32Tensors => drop(reader.get_batch(chunk, &Device::Cpu)?),
+            ReadMode::StoredBytes => reader.read_stored(chunk, &mut stored)?,
+        }
+    }
+    Ok(start.elapsed())
 }
 
 fn read_passes(
@@ -193,27 +229,20 @@ fn read_passes(
     prepare()?;
     let cat = shell(&format!("cat {shard_files} > /dev/null"))?;
 
-    prepare()?;
-    let start = Instant::now();
-    let reader = StoreReader::open(dir)?;
-    let positions: Vec<u64> = (0..reader.len() as u64).collect();
-    for chunk in positions.chunks(batch) {
-        reader.get_batch(chunk, &Device::Cpu)?;
-    }
-    let sequential = start.elapsed();
-
-    prepare()?;
-    let start = Instant::now();
-    let reader = StoreReader::open(dir)?;
-    let order = reader.epoch_indices(1, 0, 0, 1)?;
-    for chunk in order.chunks(batch) {
-        reader.get_batch(chunk, &Device::Cpu)?;
-    }
-    let shuffled = start.elapsed();
+    let pass = |shuffled: bool, mode: ReadMode| {
+        prepare()?;
+        timed_pass(dir, shuffled, batch, mode)
+    };
+    let sequential = pass(false, ReadMode::F32Tensors)?;
+    let shuffled = pass(true, ReadMode::F32Tensors)?;
+    let stored_sequential = pass(false, ReadMode::StoredBytes)?;
+    let stored_shuffled = pass(true, ReadMode::StoredBytes)?;
     Ok(Reads {
         cat,
         sequential,
         shuffled,
+        stored_sequential,
+        stored_shuffled,
     })
 }
 
@@ -326,11 +355,17 @@ fn run(options: &Options) -> Result<(), Box<dyn std::error::Error>> {
         // Tensor bytes delivered per second (headers and prompts are not counted).
         let sequential = mb_per_s(data_bytes, reads.sequential);
         let shuffled = mb_per_s(data_bytes, reads.shuffled);
+        let stored_sequential = mb_per_s(data_bytes, reads.stored_sequential);
+        let stored_shuffled = mb_per_s(data_bytes, reads.stored_shuffled);
         println!(
-            "{label} cat {cat:>8.0} MB/s | sequential get_batch {sequential:>8.0} MB/s \
-             ({:.2} of cat, target 0.80) | shuffled {shuffled:>8.0} MB/s ({:.2} of cat, target 0.50)",
+            "{label} cat {cat:>8.0} MB/s | get_batch (f32): sequential {sequential:>8.0} MB/s \
+             ({:.2} of cat, target 0.80), shuffled {shuffled:>8.0} MB/s ({:.2}, target 0.50) \
+             | read_stored: sequential {stored_sequential:>8.0} MB/s ({:.2}), shuffled \
+             {stored_shuffled:>8.0} MB/s ({:.2})",
             sequential / cat,
-            shuffled / cat
+            shuffled / cat,
+            stored_sequential / cat,
+            stored_shuffled / cat
         );
     }
 

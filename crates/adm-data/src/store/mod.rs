@@ -25,7 +25,7 @@ use rand_distr::StandardNormal;
 pub use checksum::{xxh64, Xxh64};
 pub use manifest::{Manifest, ShardRecord, FORMAT, MANIFEST_FILE, SCHEMA_VERSION};
 pub use merge::merge;
-pub use reader::{Prefetcher, StoreReader};
+pub use reader::{Prefetcher, StoreReader, StoredBatch};
 pub use spec::{ConditionSpec, Partition, StoreDtype, StoreSpec};
 pub use verify::{verify, BadShard, VerifyReport};
 pub use writer::StoreWriter;

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 
 use super::keyed_rng;
 use super::manifest::Manifest;
-use super::shard::{pair_batch, Decoded, RawPairs, ShardFile, Target, STAGING_BYTES};
+use super::shard::{pair_batch, upload, Decoded, RawPairs, ShardFile, Target, STAGING_BYTES};
 use super::spec::{StoreSpec, TensorLayout};
 use super::PairBatch;
 use crate::DataError;
@@ -105,25 +105,75 @@ impl StoreReader {
     /// (half the transfer for f16/bf16 stores).
     pub fn get_batch(&self, positions: &[u64], device: &Device) -> Result<PairBatch, DataError> {
         if !device.is_cpu() {
-            return self.read_raw(positions)?.into_batch(&self.layouts, device);
+            let mut stored = StoredBatch::default();
+            self.read_stored(positions, &mut stored)?;
+            return stored.to_batch(device);
         }
+        let mut outputs: Vec<Decoded> = self.layouts.iter().map(Decoded::for_layout).collect();
+        let (indices, prompts) = self.read_into(
+            positions,
+            &mut outputs,
+            self.threads_for(positions),
+            PIECE_BYTES,
+        )?;
+        let tensors = self
+            .layouts
+            .iter()
+            .zip(outputs)
+            .map(|(layout, decoded)| decoded.into_tensor(layout, positions.len()))
+            .collect::<Result<Vec<_>, _>>()?;
+        pair_batch(&self.layouts, tensors, prompts, indices)
+    }
+
+    /// Reads the pairs at `positions`, in that order, into `batch` in the stored dtypes,
+    /// reusing its buffers: after the first batch of a size, a read allocates nothing and
+    /// touches no fresh memory, so a warm read runs at page-cache copy speed. This is the
+    /// path that feeds an accelerator ([`StoredBatch::to_batch`] uploads the stored bytes and
+    /// converts on the device) or a consumer that works on the stored bytes.
+    pub fn read_stored(&self, positions: &[u64], batch: &mut StoredBatch) -> Result<(), DataError> {
+        if batch.layouts != self.layouts {
+            *batch = StoredBatch {
+                layouts: self.layouts.clone(),
+                tensors: self
+                    .layouts
+                    .iter()
+                    .map(|_| Decoded::Bytes(Vec::new()))
+                    .collect(),
+                ..StoredBatch::default()
+            };
+        }
+        let (indices, prompts) = self.read_into(
+            positions,
+            &mut batch.tensors,
+            self.threads_for(positions),
+            PIECE_BYTES,
+        )?;
+        batch.indices = indices;
+        batch.prompts = prompts;
+        Ok(())
+    }
+
+    /// Threads for reading `positions`: several only for batches of 8 MB and more.
+    fn threads_for(&self, positions: &[u64]) -> usize {
         let row_bytes: usize = self.layouts.iter().map(TensorLayout::item_bytes).sum();
-        let threads = if positions.len().saturating_mul(row_bytes) >= PARALLEL_READ_BYTES {
+        if positions.len().saturating_mul(row_bytes) >= PARALLEL_READ_BYTES {
             std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_READ_THREADS))
         } else {
             1
-        };
-        self.read_decoded(positions, threads, PIECE_BYTES)
+        }
     }
 
-    /// [`StoreReader::get_batch`] on the CPU with `threads` threads, which share the work in
-    /// pieces of about `piece_bytes` stored bytes.
-    pub(crate) fn read_decoded(
+    /// Reads the rows at `positions` into `outputs` (one per layout, resized to the batch,
+    /// decoded to f32 or kept as stored bytes as each one says) with `threads` threads,
+    /// which share the work in pieces of about `piece_bytes` stored bytes. Returns the
+    /// pairs' global indices and prompts.
+    pub(crate) fn read_into(
         &self,
         positions: &[u64],
+        outputs: &mut [Decoded],
         threads: usize,
         piece_bytes: usize,
-    ) -> Result<PairBatch, DataError> {
+    ) -> Result<(Vec<u64>, Vec<String>), DataError> {
         let locations = self.locate(positions)?;
         let rows = locations.len();
         let mut indices = Vec::with_capacity(rows);
@@ -162,16 +212,12 @@ impl StoreReader {
 
         // Every piece gets its own rows of every output tensor.
         pieces.sort_by_key(|piece| piece.slot);
-        let mut tensors: Vec<Decoded> = self
-            .layouts
-            .iter()
-            .map(|layout| Decoded::zeroed(layout, rows))
-            .collect();
         let mut targets: Vec<Vec<Target<'_>>> = pieces
             .iter()
             .map(|_| Vec::with_capacity(self.layouts.len()))
             .collect();
-        for (decoded, layout) in tensors.iter_mut().zip(&self.layouts) {
+        for (decoded, layout) in outputs.iter_mut().zip(&self.layouts) {
+            decoded.resize(layout, rows);
             let split = decoded.split_rows(layout, pieces.iter().map(|piece| piece.rows));
             for (piece_targets, target) in targets.iter_mut().zip(split) {
                 piece_targets.push(target);
@@ -226,13 +272,7 @@ impl StoreReader {
             }
         }
 
-        let tensors = self
-            .layouts
-            .iter()
-            .zip(tensors)
-            .map(|(layout, decoded)| decoded.into_tensor(layout, rows))
-            .collect::<Result<Vec<_>, _>>()?;
-        pair_batch(&self.layouts, tensors, prompts, indices)
+        Ok((indices, prompts))
     }
 
     /// (shard, row) of every position; an out-of-range position is an error naming it.
@@ -304,6 +344,73 @@ impl StoreReader {
             .skip(rank)
             .step_by(world_size)
             .collect())
+    }
+}
+
+/// A batch in the stored dtypes whose buffers are kept from read to read
+/// ([`StoreReader::read_stored`]).
+#[derive(Default)]
+pub struct StoredBatch {
+    layouts: Vec<TensorLayout>,
+    /// One [`Decoded::Bytes`] per layout.
+    tensors: Vec<Decoded>,
+    indices: Vec<u64>,
+    prompts: Vec<String>,
+}
+
+impl std::fmt::Debug for StoredBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredBatch")
+            .field("layouts", &self.layouts)
+            .field("indices", &self.indices)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoredBatch {
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// Global pair index per pair.
+    pub fn indices(&self) -> &[u64] {
+        &self.indices
+    }
+
+    /// Prompt text (or id) per pair.
+    pub fn prompts(&self) -> &[String] {
+        &self.prompts
+    }
+
+    /// The little-endian stored bytes of tensor `name` (`noise`, `sample` or a condition),
+    /// `(B, ..shape)` in the store's dtype.
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        let at = self.layouts.iter().position(|layout| layout.name == name)?;
+        match &self.tensors[at] {
+            Decoded::Bytes(bytes) => Some(bytes),
+            Decoded::F32(_) => None,
+        }
+    }
+
+    /// The batch as tensors on `device`: the stored bytes are copied there and floats
+    /// converted to f32 on the device.
+    pub fn to_batch(&self, device: &Device) -> Result<PairBatch, DataError> {
+        let bytes: Vec<&[u8]> = self
+            .layouts
+            .iter()
+            .filter_map(|layout| self.bytes(&layout.name))
+            .collect();
+        let tensors = upload(&self.layouts, &bytes, self.len(), device)?;
+        pair_batch(
+            &self.layouts,
+            tensors,
+            self.prompts.clone(),
+            self.indices.clone(),
+        )
     }
 }
 

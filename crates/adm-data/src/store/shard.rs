@@ -171,29 +171,28 @@ impl RawPairs {
         self.indices.clear();
         self.prompts.clear();
     }
+}
 
-    /// Builds tensors on `device`, floats converted to f32.
-    pub fn into_batch(
-        self,
-        layouts: &[TensorLayout],
-        device: &Device,
-    ) -> Result<PairBatch, DataError> {
-        let rows = self.len();
-        let tensors = layouts
-            .iter()
-            .zip(&self.tensors)
-            .map(|(layout, bytes)| {
-                let stored = Tensor::from_raw_buffer(
-                    bytes,
-                    layout.dtype.candle(),
-                    &layout.batch_shape(rows),
-                    device,
-                )?;
-                Ok(stored.to_dtype(layout.dtype.read_dtype())?)
-            })
-            .collect::<Result<Vec<_>, DataError>>()?;
-        pair_batch(layouts, tensors, self.prompts, self.indices)
-    }
+/// Uploads stored-dtype little-endian tensors to `device`, floats converted to f32 there.
+pub(crate) fn upload(
+    layouts: &[TensorLayout],
+    tensors: &[&[u8]],
+    rows: usize,
+    device: &Device,
+) -> Result<Vec<Tensor>, DataError> {
+    layouts
+        .iter()
+        .zip(tensors)
+        .map(|(layout, bytes)| {
+            let stored = Tensor::from_raw_buffer(
+                bytes,
+                layout.dtype.candle(),
+                &layout.batch_shape(rows),
+                device,
+            )?;
+            Ok(stored.to_dtype(layout.dtype.read_dtype())?)
+        })
+        .collect()
 }
 
 /// Names the tensors (in layout order: noise, sample, conditions) and builds the batch.
@@ -234,12 +233,21 @@ pub(crate) enum Decoded {
 }
 
 impl Decoded {
-    /// Room for `rows` rows; every row is then filled by [`ShardFile::read_run_decoded`].
-    pub fn zeroed(layout: &TensorLayout, rows: usize) -> Self {
+    /// An empty buffer for `layout`: f32 for floats, stored bytes otherwise.
+    pub fn for_layout(layout: &TensorLayout) -> Self {
         if layout.dtype.is_float() {
-            Self::F32(vec![0.0; rows * layout.shape.iter().product::<usize>()])
+            Self::F32(Vec::new())
         } else {
-            Self::Bytes(vec![0; rows * layout.item_bytes()])
+            Self::Bytes(Vec::new())
+        }
+    }
+
+    /// Room for exactly `rows` rows (existing memory is kept); every row is then filled by
+    /// [`ShardFile::read_run_decoded`].
+    pub fn resize(&mut self, layout: &TensorLayout, rows: usize) {
+        match self {
+            Self::F32(values) => values.resize(rows * layout.shape.iter().product::<usize>(), 0.0),
+            Self::Bytes(bytes) => bytes.resize(rows * layout.item_bytes(), 0),
         }
     }
 

@@ -8,6 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::shard::{pair_batch, upload, Decoded};
+use super::spec::{NOISE, SAMPLE};
 use super::*;
 use crate::DataError;
 
@@ -754,27 +756,49 @@ fn cpu_reads_decode_like_candle_across_chunks_and_shards() {
         writer.finish().unwrap();
 
         let reader = StoreReader::open(&dir.0).unwrap();
+        // One reused stored batch for every read: the sizes go up and down.
+        let mut stored = StoredBatch::default();
         for positions in [
             (0..11).collect::<Vec<u64>>(),
             vec![10, 3, 4, 5, 3, 0, 9, 8, 1, 2, 2],
             vec![2, 3, 4, 5, 6],
             vec![7],
             vec![],
+            vec![1, 0, 6, 5, 4, 3, 2],
         ] {
             let fast = reader.get_batch(&positions, &Device::Cpu).unwrap();
-            let reference = reader
-                .read_raw(&positions)
-                .unwrap()
-                .into_batch(reader.layouts(), &Device::Cpu)
-                .unwrap();
+            let raw = reader.read_raw(&positions).unwrap();
+            let raw_bytes: Vec<&[u8]> = raw.tensors.iter().map(Vec::as_slice).collect();
+            let tensors = upload(reader.layouts(), &raw_bytes, raw.len(), &Device::Cpu).unwrap();
+            let reference =
+                pair_batch(reader.layouts(), tensors, raw.prompts, raw.indices).unwrap();
             assert_eq!(fast.noise.dims(), reference.noise.dims());
             assert_eq!(fast.noise.dtype(), DType::F32);
             assert_same_batch(&fast, &reference);
             // Several threads, in pieces of one row or of two.
             for piece_bytes in [1, 2 * 200 * 170 * 4 * 2] {
-                let parallel = reader.read_decoded(&positions, 3, piece_bytes).unwrap();
+                let mut outputs: Vec<Decoded> =
+                    reader.layouts().iter().map(Decoded::for_layout).collect();
+                let (indices, prompts) = reader
+                    .read_into(&positions, &mut outputs, 3, piece_bytes)
+                    .unwrap();
+                let tensors = reader
+                    .layouts()
+                    .iter()
+                    .zip(outputs)
+                    .map(|(layout, decoded)| decoded.into_tensor(layout, positions.len()).unwrap())
+                    .collect();
+                let parallel = pair_batch(reader.layouts(), tensors, prompts, indices).unwrap();
                 assert_same_batch(&parallel, &reference);
             }
+            // The stored bytes, read into reused buffers, are exactly the file's bytes.
+            reader.read_stored(&positions, &mut stored).unwrap();
+            assert_eq!(stored.indices(), reference.indices.as_slice());
+            assert_eq!(stored.prompts(), reference.prompts.as_slice());
+            for (name, bytes) in [(NOISE, &raw_bytes[0]), (SAMPLE, &raw_bytes[1])] {
+                assert_eq!(stored.bytes(name).unwrap(), *bytes, "{name}");
+            }
+            assert_same_batch(&stored.to_batch(&Device::Cpu).unwrap(), &reference);
         }
     }
 }
