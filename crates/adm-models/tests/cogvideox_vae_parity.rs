@@ -200,6 +200,19 @@ fn every_var_gets_a_gradient_and_chunks_are_causal() -> Result<()> {
     Ok(())
 }
 
+/// CogVideoX's 13 latent frames decode in chunks 3, 2, 2, 2, 2, 2 to 9 + 5·8 = 49 frames, as
+/// diffusers' comment in `AutoencoderKLCogVideoX.__init__` counts (the tiny model has the
+/// published model's two time doublings).
+#[test]
+fn thirteen_latent_frames_give_49_frames() -> Result<()> {
+    let f = fixture()?;
+    let vb = VarBuilder::from_tensors(f.weights.clone(), DType::F32, &Device::Cpu);
+    let vae = AutoencoderKLCogVideoX::new(vb, &f.config)?;
+    let latent = Tensor::randn(0f32, 1.0, (1, 4, 13, 1, 1), &Device::Cpu)?;
+    assert_eq!(vae.decode(&latent)?.dims(), &[1, 3, 49, 4, 4]);
+    Ok(())
+}
+
 /// Missing, mis-shaped and unexpected tensors are errors naming the tensor; encoder tensors
 /// are skipped.
 #[test]
