@@ -1,14 +1,14 @@
 //! The decoder of diffusers' `AutoencoderKLCogVideoX` (the CogVideoX 3-D causal VAE,
 //! diffusers/models/autoencoders/autoencoder_kl_cogvideox.py and `CogVideoXUpsample3D` in
 //! diffusers/models/upsampling.py): latents (B, C, F, h, w) to video frames
-//! (B, 3, F', h·2^(n-1), w·2^(n-1)) for n up blocks (8x and F' = 1 + 4·(F - 1) for the published
-//! CogVideoX-2b / 5b VAE when F is odd), differentiable with respect to the latent and every
-//! decoder parameter (a pixel-space discriminator back-propagates through it).
+//! (B, 3, F', h·2^(n-1), w·2^(n-1)) for n up blocks (for the published CogVideoX-2b / 5b VAE:
+//! 8x, and F' = 1 + 4·(F - 1) for odd F, 4F for even F), differentiable with respect to the
+//! latent and every decoder parameter (a pixel-space discriminator back-propagates through it).
 //!
 //! Structure, as diffusers builds it:
 //! - `CogVideoXCausalConv3d` (3x3x3, `pad_mode = "first"`): two frames in front of the clip
 //!   (copies of the first frame, or the conv cache of the previous chunk), zero padding of one
-//!   in H and W ([`CausalConv3d`]).
+//!   in H and W.
 //! - `CogVideoXSpatialNorm3D`: GroupNorm (eps 1e-6, hard-coded: the config's `norm_eps` only
 //!   reaches the encoder) scaled and shifted by 1x1x1 convs of the latent, resized (nearest)
 //!   to the feature map; for an odd frame count > 1 the first latent frame is resized on its
@@ -22,15 +22,17 @@
 //! 13 frames -> 3, 2, 2, 2, 2, 2), carrying each causal conv's last two input frames to the
 //! next chunk. That is NOT the same as decoding the whole clip at once: group-norm
 //! statistics and the first-frame rule of the upsampler and spatial norm apply per chunk (for
-//! the parity fixture's 5-frame latent the two differ by 0.96, 31% of the output's maximum). [`AutoencoderKLCogVideoX::decode`]
-//! therefore reproduces the chunking, conv caches included (gradients flow through the caches
-//! as in diffusers, which `clone()`s them without detaching); [`AutoencoderKLCogVideoX::decode_in_chunks`]
-//! takes another chunk size (one chunk of every frame is the whole-sequence decode).
+//! the parity fixture's 5-frame latent the two differ by 0.96, 31% of the output's maximum).
+//! [`AutoencoderKLCogVideoX::decode`] therefore reproduces the chunking, conv caches included
+//! (gradients flow through the caches as in diffusers, which `clone()`s them without
+//! detaching); [`AutoencoderKLCogVideoX::decode_in_chunks`] takes another chunk size (one
+//! chunk of every frame is the whole-sequence decode).
 //!
 //! Not implemented: the encoder (its tensors, and `quant_conv` when `use_quant_conv`, are
 //! skipped by name when loading a full checkpoint, see [`load`]), spatial tiling
-//! (`enable_tiling`) and batch slicing (`enable_slicing`), which only bound memory, and
-//! `use_post_quant_conv = true` (see [`Config::validate`]). Tensor names follow diffusers
+//! (`enable_tiling`: off by default; it blends overlapping tiles, so its output differs),
+//! batch slicing (`enable_slicing`: memory only, same result) and `use_post_quant_conv = true`
+//! (see [`Config::validate`]). Tensor names follow diffusers
 //! (`decoder.up_blocks.0.resnets.1.norm2.conv_y.conv.weight`, ...). Only ops whose backward
 //! is verified are used (CANDLE_PITFALLS.md): `adm_nn::conv3d`, `adm_nn::upsample_nearest3d`,
 //! candle's GroupNorm and stride-1 conv2d.
