@@ -38,6 +38,8 @@ Further groups (run all by default, or name them: `make_fixtures.py vae clip cou
          open_clip's bpe_simple_vocab_16e6.txt.gz: `pip download open-clip-torch --no-deps`
          and unzip the wheel, or set CLIP_BPE), tokenizer_small/tokenizer.json (first 2000
          merges) and tokens.json (transformers' CLIPTokenizer ids for a few prompts).
+  cogvideox_vae  fixtures/cogvideox_vae/tiny: AutoencoderKLCogVideoX decode (one chunk and
+         chunked with conv caches), float64; generator in scripts/fixtures_cogvideox_vae.py.
   counts prints the tensor / parameter counts of the published VAE and CLIP configs that
          the Rust tests hard-code.
 """
@@ -566,6 +568,7 @@ def published_clip_counts():
 
 
 GROUPS = ("unet", "sampling", "vae", "clip")
+GROUPS += ("cogvideox_vae",)
 
 
 def main():
@@ -588,6 +591,10 @@ def main():
         make_clip_tokenizers()
         for seed, (name, spec) in enumerate(CLIP_MODELS.items()):
             make_clip_model(name, spec, seed=3000 + 10 * seed)
+    if "cogvideox_vae" in groups:
+        import fixtures_cogvideox_vae
+
+        fixtures_cogvideox_vae.main()
     if "counts" in groups:
         published_vae_counts()
         published_clip_counts()

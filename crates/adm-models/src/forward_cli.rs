@@ -7,6 +7,9 @@
 //!   `text_embeds` (B, P) and `time_ids` (B, 6); output `sample`.
 //! - `AutoencoderKL`: input `latent` (B, latent_channels, h, w), unscaled as
 //!   `AutoencoderKL.decode` takes it; output the decoded `sample`.
+//! - `AutoencoderKLCogVideoX`: input `latent` (B, latent_channels, F, h, w), unscaled as
+//!   `AutoencoderKLCogVideoX.decode` takes it; output the decoded frames `sample`
+//!   (B, 3, F', H, W). Encoder tensors in the checkpoint are skipped.
 //!
 //! The output is written in f32 whatever the compute dtype.
 
@@ -15,12 +18,17 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::cogvideox_vae;
 use crate::loading::{class_name, load_model, read_config, resolve_model, ModelIndex};
 use crate::unet_2d::{self, TextTime, UNet2DConditionModel};
 use crate::vae::{self, AutoencoderKL};
 
 /// The classes [`forward_dir`] runs.
-pub const SUPPORTED: &[&str] = &["UNet2DConditionModel", "AutoencoderKL"];
+pub const SUPPORTED: &[&str] = &[
+    "UNet2DConditionModel",
+    "AutoencoderKL",
+    "AutoencoderKLCogVideoX",
+];
 
 /// What `adm-forward` was asked to do.
 #[derive(Debug, Clone)]
@@ -180,8 +188,13 @@ pub fn forward_dir(
             })?;
             vae.decode(need(&inputs, "latent", &class)?)?
         }
+        "AutoencoderKLCogVideoX" => {
+            check_input_names(&inputs, &["latent"], &class)?;
+            let vae = cogvideox_vae::load(dir, variant, dtype, device)?;
+            vae.decode(need(&inputs, "latent", &class)?)?
+        }
         other => candle_core::bail!(
-            "adm-forward: model class `{other}` ({}) is not supported yet (UNet2DConditionModel, AutoencoderKL)",
+            "adm-forward: model class `{other}` ({}) is not supported yet (UNet2DConditionModel, AutoencoderKL, AutoencoderKLCogVideoX)",
             dir.display()
         ),
     };

@@ -24,7 +24,7 @@ struct Cli {
     #[arg(long)]
     variant: Option<String>,
     /// Inputs: sample, timestep, encoder_hidden_states[, text_embeds, time_ids] (UNet) or
-    /// latent (AutoencoderKL).
+    /// latent (AutoencoderKL, AutoencoderKLCogVideoX).
     #[arg(long)]
     inputs: PathBuf,
     /// Where to write the output `sample` (f32).
