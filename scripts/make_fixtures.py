@@ -38,6 +38,8 @@ Further groups (run all by default, or name them: `make_fixtures.py vae clip cou
          open_clip's bpe_simple_vocab_16e6.txt.gz: `pip download open-clip-torch --no-deps`
          and unzip the wheel, or set CLIP_BPE), tokenizer_small/tokenizer.json (first 2000
          merges) and tokens.json (transformers' CLIPTokenizer ids for a few prompts).
+  t5     fixtures/t5/{v1_1_tiny,t5_tiny,tokenizer} and fixtures/sd3_text/tiny (SD3's
+         encode_prompt): see scripts/fixtures_t5.py (run after `clip`).
   counts prints the tensor / parameter counts of the published VAE and CLIP configs that
          the Rust tests hard-code.
 """
@@ -565,7 +567,7 @@ def published_clip_counts():
         print(f"clip {name}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters")
 
 
-GROUPS = ("unet", "sampling", "vae", "clip")
+GROUPS = ("unet", "sampling", "vae", "clip", "t5")
 
 
 def main():
@@ -588,6 +590,10 @@ def main():
         make_clip_tokenizers()
         for seed, (name, spec) in enumerate(CLIP_MODELS.items()):
             make_clip_model(name, spec, seed=3000 + 10 * seed)
+    if "t5" in groups:
+        from fixtures_t5 import make_t5_fixtures
+
+        make_t5_fixtures()
     if "counts" in groups:
         published_vae_counts()
         published_clip_counts()

@@ -7,6 +7,8 @@ pub mod clip;
 pub mod forward_cli;
 pub mod heads;
 pub mod loading;
+pub mod sd3_text;
+pub mod t5;
 pub mod toy_mlp;
 pub mod unet_2d;
 pub mod vae;
