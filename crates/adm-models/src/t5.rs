@@ -3,8 +3,8 @@
 //! T5 SentencePiece tokenizer from a `tokenizer.json`.
 //!
 //! Why not candle-transformers' `t5`: it is not a dependency of this workspace (a 4.5 min
-//! build on 2 cores), its encoder takes no padding attention mask, and it uses
-//! `softmax_last_dim` and no f16 safeguards. The encoder is frozen in our pipeline, but owning
+//! build on 2 cores), its encoder forward takes no padding attention mask, and it leaves the
+//! f16 overflow handling as TODOs. The encoder is frozen in our pipeline, but owning
 //! it costs little, reads like the other families (serde `Config`, `new(vb, &cfg)`,
 //! transformers' tensor names, loading through `loading.rs`), and is gradient-checked like
 //! every other block (CANDLE_PITFALLS.md): attention is `adm_nn::scaled_dot_product_attention`,
