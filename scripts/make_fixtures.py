@@ -40,6 +40,8 @@ Further groups (run all by default, or name them: `make_fixtures.py vae clip cou
          merges) and tokens.json (transformers' CLIPTokenizer ids for a few prompts).
   cogvideox_vae  fixtures/cogvideox_vae/tiny: AutoencoderKLCogVideoX decode (one chunk and
          chunked with conv caches), float64; generator in scripts/fixtures_cogvideox_vae.py.
+  t5     fixtures/t5/{v1_1_tiny,t5_tiny,tokenizer} and fixtures/sd3_text/tiny (SD3's
+         encode_prompt): see scripts/fixtures_t5.py (run after `clip`).
   counts prints the tensor / parameter counts of the published VAE and CLIP configs that
          the Rust tests hard-code.
 """
@@ -567,8 +569,7 @@ def published_clip_counts():
         print(f"clip {name}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters")
 
 
-GROUPS = ("unet", "sampling", "vae", "clip")
-GROUPS += ("cogvideox_vae",)
+GROUPS = ("unet", "sampling", "vae", "clip", "t5", "cogvideox_vae")
 
 
 def main():
@@ -595,6 +596,9 @@ def main():
         import fixtures_cogvideox_vae
 
         fixtures_cogvideox_vae.main()
+    if "t5" in groups:
+        from fixtures_t5 import make_t5_fixtures
+        make_t5_fixtures()
     if "counts" in groups:
         published_vae_counts()
         published_clip_counts()

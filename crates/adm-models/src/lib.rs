@@ -8,6 +8,8 @@ pub mod cogvideox_vae;
 pub mod forward_cli;
 pub mod heads;
 pub mod loading;
+pub mod sd3_text;
+pub mod t5;
 pub mod toy_mlp;
 pub mod unet_2d;
 pub mod vae;

@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use adm_models::forward_cli::{forward_dir, model_dir, run, ForwardArgs};
 use adm_models::loading::{
@@ -16,25 +16,7 @@ use adm_models::loading::{
 use adm_models::unet_2d::{self, TextTime, UNet2DConditionModel};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
-use common::{fixtures, relative_error, PARITY_TOL};
-
-/// A temporary folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("adm-loading-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{fixtures, relative_error, TempDir, PARITY_TOL};
 
 fn load(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
@@ -141,7 +123,7 @@ fn run_unet(unet: &UNet2DConditionModel, inputs: &HashMap<String, Tensor>) -> Re
 
 #[test]
 fn pipeline_index_components_and_weight_files() -> Result<()> {
-    let tmp = TempDir::new("index");
+    let tmp = TempDir::new("loading-index");
     make_pipeline(&tmp.0);
     let index = ModelIndex::read(&tmp.0)?;
     assert_eq!(index.class_name, "StableDiffusionXLPipeline");
@@ -198,7 +180,7 @@ fn pipeline_index_components_and_weight_files() -> Result<()> {
 /// Frozen loading from the shards (and the fp16 variant) reproduces the diffusers output.
 #[test]
 fn frozen_loading_from_shards_and_variant() -> Result<()> {
-    let tmp = TempDir::new("frozen");
+    let tmp = TempDir::new("loading-frozen");
     make_pipeline(&tmp.0);
     let dir = tmp.0.join("unet");
     let cfg: unet_2d::Config = read_config(&dir)?;
@@ -228,7 +210,7 @@ fn frozen_loading_from_shards_and_variant() -> Result<()> {
 /// Missing, unexpected, mis-shaped and duplicated tensors: errors naming them.
 #[test]
 fn frozen_loading_errors_name_tensors_and_shapes() -> Result<()> {
-    let tmp = TempDir::new("frozen-errors");
+    let tmp = TempDir::new("loading-frozen-errors");
     let src = fixtures().join("unet/sdxl_tiny");
     let cfg: unet_2d::Config = read_config(&src)?;
     let weights = load(&src.join("diffusion_pytorch_model.safetensors"));
@@ -308,7 +290,7 @@ fn frozen_loading_errors_name_tensors_and_shapes() -> Result<()> {
 /// mismatches are all reported and nothing is set.
 #[test]
 fn trainable_loading_into_a_varmap() -> Result<()> {
-    let tmp = TempDir::new("varmap");
+    let tmp = TempDir::new("loading-varmap");
     make_pipeline(&tmp.0);
     let dir = tmp.0.join("unet");
     let cfg: unet_2d::Config = read_config(&dir)?;
@@ -367,7 +349,7 @@ fn trainable_loading_into_a_varmap() -> Result<()> {
 /// Repo ids resolve from the hub cache layout (refs/ → snapshots/), offline.
 #[test]
 fn hub_cache_resolution_is_offline() -> Result<()> {
-    let tmp = TempDir::new("hub");
+    let tmp = TempDir::new("loading-hub");
     let cache = tmp.0.join("hub");
     let repo = cache.join("models--org--tiny-sdxl");
     let commit = "0123456789abcdef0123456789abcdef01234567";
@@ -411,7 +393,7 @@ fn hub_cache_resolution_is_offline() -> Result<()> {
 /// adm-forward's library function on the sharded UNet and the VAE, against diffusers.
 #[test]
 fn forward_cli_matches_the_reference() -> Result<()> {
-    let tmp = TempDir::new("forward");
+    let tmp = TempDir::new("loading-forward");
     make_pipeline(&tmp.0);
     let case = unet_case();
     let inputs_path = fixtures().join("unet/sdxl_tiny/inputs.safetensors");
@@ -484,7 +466,7 @@ fn forward_cli_matches_the_reference() -> Result<()> {
 /// The binary itself, on the UNet component folder (sharded weights).
 #[test]
 fn adm_forward_binary_runs() -> Result<()> {
-    let tmp = TempDir::new("binary");
+    let tmp = TempDir::new("loading-binary");
     make_pipeline(&tmp.0);
     let output = tmp.0.join("out.safetensors");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_adm-forward"))
