@@ -1,10 +1,12 @@
 //! Building blocks the UNet and the VAE share: diffusers uses the same classes (and tensor
 //! names) in both.
 
+use adm_nn::{Conv2d, Conv2dConfig};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
 
-/// A biased `kernel`x`kernel` conv2d with the given stride and padding.
+/// A biased `kernel`x`kernel` conv2d with the given stride and padding (adm-nn's, whose
+/// backward is fast and correct for every input size).
 pub(crate) fn conv(
     vb: VarBuilder,
     cin: usize,
@@ -13,12 +15,14 @@ pub(crate) fn conv(
     stride: usize,
     padding: usize,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    conv2d(cin, cout, kernel, cfg, vb)
+    Conv2d::load(
+        cin,
+        cout,
+        kernel,
+        Conv2dConfig { padding, stride },
+        true,
+        vb,
+    )
 }
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm = "default"`: the projected time

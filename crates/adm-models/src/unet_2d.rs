@@ -4,20 +4,21 @@
 //! Tensor names follow diffusers exactly, so a diffusers `unet/` folder (config.json +
 //! safetensors) loads as it is. Only ops whose backward is verified are used
 //! (CANDLE_PITFALLS.md): attention is `adm_nn::scaled_dot_product_attention`, layer norm is
-//! `adm_nn::LayerNorm`, nearest upsampling is `adm_nn::upsample_nearest2d`; GroupNorm, Linear
-//! and conv2d come from candle_nn.
+//! `adm_nn::LayerNorm`, nearest upsampling is `adm_nn::upsample_nearest2d`, conv2d is
+//! `adm_nn::Conv2d` (candle's conv2d backward is slow and fails on unequal H/W parity);
+//! GroupNorm and Linear come from candle_nn.
 //!
 //! Spatial sizes must be multiples of `2^(number of downsamplers)`: diffusers then never needs
-//! an explicit `upsample_size`, and every stride-2 conv sees even H and W (candle's stride-2
-//! conv2d backward fails on unequal H/W parity).
+//! an explicit `upsample_size`.
 //!
 //! Dropout is not applied (every released SD / SDXL config has `dropout = 0`).
 
 use std::collections::BTreeSet;
 
 use adm_diffusion::Schedule;
+use adm_nn::Conv2d;
 use candle_core::{DType, Module, Result, Shape, Tensor, D};
-use candle_nn::{group_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, linear_no_bias, GroupNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};

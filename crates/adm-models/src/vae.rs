@@ -6,8 +6,8 @@
 //! `decoder.mid_block.attentions.0.to_q.weight`, `quant_conv.weight`, ...), so a diffusers
 //! `vae/` folder (config.json + safetensors) loads as it is. Only ops whose backward is
 //! verified are used (CANDLE_PITFALLS.md): the mid-block attention is
-//! `adm_nn::scaled_dot_product_attention`, nearest upsampling is `adm_nn::upsample_nearest2d`;
-//! GroupNorm and conv2d come from candle_nn.
+//! `adm_nn::scaled_dot_product_attention`, nearest upsampling is `adm_nn::upsample_nearest2d`,
+//! conv2d is `adm_nn::Conv2d`; GroupNorm comes from candle_nn.
 //!
 //! Latent scaling: the diffusion model sees `(z - shift_factor) * scaling_factor`
 //! ([`AutoencoderKL::scale_latents`]); [`AutoencoderKL::decode_scaled`] undoes it before
@@ -16,8 +16,9 @@
 //! Memory: the mid-block attention is a single head over all latent positions, so its score
 //! matrix is (H/8 · W/8)² per image (1 GiB in f32 for a 1024² SDXL image).
 
+use adm_nn::Conv2d;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::blocks::{conv, ResnetBlock2D};
