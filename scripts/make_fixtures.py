@@ -38,6 +38,9 @@ Further groups (run all by default, or name them: `make_fixtures.py vae clip cou
          open_clip's bpe_simple_vocab_16e6.txt.gz: `pip download open-clip-torch --no-deps`
          and unzip the wheel, or set CLIP_BPE), tokenizer_small/tokenizer.json (first 2000
          merges) and tokens.json (transformers' CLIPTokenizer ids for a few prompts).
+  sdxl_pipeline  fixtures/sdxl: a tiny StableDiffusionXLPipeline folder and its encode_prompt
+         and 4-step CFG sampling references (scripts/fixtures_sdxl_pipeline.py; reads
+         clip/tokenizer_small: run after `clip`).
   counts prints the tensor / parameter counts of the published VAE and CLIP configs that
          the Rust tests hard-code.
 """
@@ -565,7 +568,7 @@ def published_clip_counts():
         print(f"clip {name}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters")
 
 
-GROUPS = ("unet", "sampling", "vae", "clip")
+GROUPS = ("unet", "sampling", "vae", "clip", "sdxl_pipeline")
 
 
 def main():
@@ -588,6 +591,10 @@ def main():
         make_clip_tokenizers()
         for seed, (name, spec) in enumerate(CLIP_MODELS.items()):
             make_clip_model(name, spec, seed=3000 + 10 * seed)
+    if "sdxl_pipeline" in groups:
+        from fixtures_sdxl_pipeline import make_sdxl_pipeline
+
+        make_sdxl_pipeline(seed=4000)
     if "counts" in groups:
         published_vae_counts()
         published_clip_counts()
