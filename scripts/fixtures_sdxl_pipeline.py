@@ -19,6 +19,13 @@ Writes crates/adm-models/tests/fixtures/sdxl/:
                             adm-diffusion's sampler does).
   reference.json            the prompts and settings the references were made with.
 
+The noise is an input, noise.safetensors (`noise`, float32 (2, 4, 8, 8)): adm's own
+`noise_for_index(7, i)` of pairs 0 and 1 (ChaCha12 + ziggurat, not reproducible in torch), taken
+from the first shard of an `adm-collect-ode-pairs` collection with `ode_pairs.seed = 7` and
+`ode_pairs.dtype = "f32"` (the collector's sdxl_collect test writes one). That test checks bit
+for bit that the collector still draws this noise, then compares its stored samples with
+`latents`.
+
 The weights are a seeded random init perturbed by 0.1 N(0, 1), as the other fixtures.
 """
 
@@ -28,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "crates" / "adm-models" / "tests" / "fixtures"
@@ -142,8 +149,8 @@ def make_sdxl_pipeline(seed):
         dtype=torch.float64,
         text_encoder_projection_dim=TEXT_ENCODER_2["projection_dim"],
     )
-    g = torch.Generator().manual_seed(seed + 5)
-    noise = torch.randn((len(PROMPTS), 4, RESOLUTION // 8, RESOLUTION // 8), generator=g)
+    noise = load_file(OUT / "noise.safetensors")["noise"]
+    assert noise.shape == (len(PROMPTS), 4, RESOLUTION // 8, RESOLUTION // 8), noise.shape
     latents = pipe(
         PROMPTS,
         height=RESOLUTION,
@@ -159,7 +166,7 @@ def make_sdxl_pipeline(seed):
         "negative_prompt_embeds": negative,
         "negative_pooled_prompt_embeds": negative_pooled,
         "add_time_ids": add_time_ids,
-        "noise": noise,
+        "noise": noise,  # a copy, so the tests read one file
         "latents": latents,
         "timesteps": pipe.scheduler.timesteps.double(),
     }

@@ -155,7 +155,11 @@ impl SdxlTeacher {
     pub fn latent_shape(&self, size: (usize, usize)) -> Result<[usize; 3]> {
         let unet = self.backbone.unet.config();
         let multiple = self.vae_scale_factor * unet.spatial_multiple();
-        if size.0 == 0 || size.1 == 0 || size.0 % multiple != 0 || size.1 % multiple != 0 {
+        if size.0 == 0
+            || size.1 == 0
+            || !size.0.is_multiple_of(multiple)
+            || !size.1.is_multiple_of(multiple)
+        {
             return Err(err(format!(
                 "sdxl: resolution {}x{} must be a positive multiple of {multiple} (VAE factor {} x UNet {})",
                 size.0,
