@@ -265,6 +265,17 @@ resolution = 1024
     }
 
     #[test]
+    fn the_shipped_sdxl_config_parses() -> Result<()> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/sdxl-ode-pairs.toml");
+        let JobConfig::Teacher(config) = JobConfig::load(Some(&path), &[])? else {
+            panic!("not a teacher config");
+        };
+        assert_eq!(config.teacher.variant.as_deref(), Some("fp16"));
+        assert_eq!(config.ode_pairs.resolution.size(), (1024, 1024));
+        Ok(())
+    }
+
+    #[test]
     fn errors_name_the_key() {
         for (overrides, key) in [
             (&["teacher.kind=\"sd9\""][..], "teacher.kind"),
