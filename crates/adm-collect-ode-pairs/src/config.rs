@@ -79,7 +79,8 @@ pub struct TeacherConfig {
     /// Weight variant, e.g. `fp16` (`*.fp16.safetensors`).
     #[serde(default)]
     pub variant: Option<String>,
-    /// Compute dtype of the teacher.
+    /// Compute dtype of the teacher: f32 or f16 (candle 0.11's CPU backend has no bf16
+    /// matmul, and collection runs on the CPU).
     #[serde(default)]
     pub dtype: ComputeDtype,
     /// The negative prompt of classifier-free guidance. Unset: as diffusers, zeros when the
@@ -102,7 +103,6 @@ pub enum ComputeDtype {
     #[default]
     F32,
     F16,
-    Bf16,
 }
 
 impl ComputeDtype {
@@ -110,7 +110,6 @@ impl ComputeDtype {
         match self {
             Self::F32 => DType::F32,
             Self::F16 => DType::F16,
-            Self::Bf16 => DType::BF16,
         }
     }
 }

@@ -10,7 +10,8 @@ mod pipeline;
 
 use std::path::{Path, PathBuf};
 
-use adm_models::sdxl::{LoadOptions, SdxlTeacher, TimeIds};
+use adm_diffusion::{BetaSchedule, ScheduleConfig, VpPrediction};
+use adm_models::sdxl::{schedule_config, LoadOptions, SdxlTeacher, TimeIds};
 use candle_core::{DType, Device, Result};
 use common::{assert_parity, load_tensors, relative_error};
 use pipeline::{GUIDANCE, PROMPTS, RESOLUTION, STEPS};
@@ -165,13 +166,81 @@ fn a_broken_pipeline_folder_names_what_is_wrong() -> Result<()> {
         text.starts_with("unet: ") && text.contains("no plain weights"),
         "{text}"
     );
+    // A scheduler whose betas this crate cannot reproduce.
+    let dir = pipeline::assemble(&common::fixtures(), &scratch("scheduler"));
+    let config = dir.join("scheduler/scheduler_config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        original.replace("\"scaled_linear\"", "\"squaredcos_cap_v2\""),
+    )
+    .unwrap();
+    let text = message(&dir);
+    assert!(
+        text.contains("`beta_schedule` = \"squaredcos_cap_v2\" is not supported"),
+        "{text}"
+    );
+    // The schedule follows the scheduler config (here: v-prediction, linear betas).
+    std::fs::write(
+        &config,
+        original
+            .replace("\"epsilon\"", "\"v_prediction\"")
+            .replace("\"scaled_linear\"", "\"linear\""),
+    )
+    .unwrap();
+    let ScheduleConfig::Vp {
+        prediction,
+        beta_schedule,
+        ..
+    } = schedule_config(&dir)?
+    else {
+        panic!("not a VP schedule");
+    };
+    assert_eq!(
+        (prediction, beta_schedule),
+        (VpPrediction::V, BetaSchedule::Linear)
+    );
+    std::fs::remove_dir_all(dir.join("scheduler")).unwrap();
+    assert_eq!(schedule_config(&dir)?, ScheduleConfig::sdxl());
+
     for name in [
         "no-te2-folder",
         "no-te2-entry",
         "unet-mismatch",
         "no-weights",
+        "scheduler",
     ] {
         std::fs::remove_dir_all(scratch(name)).unwrap();
     }
+    Ok(())
+}
+
+/// f16 weights and activations (latents and the solver stay f32): measured 1.5e-3
+/// (encoder_hidden_states) and 5.0e-3 (latents after 4 steps with guidance 5).
+const F16_TOL: (f64, f64) = (5e-3, 2e-2);
+
+#[test]
+fn an_f16_teacher_stays_close_to_diffusers() -> Result<()> {
+    let reference = load_tensors(common::fixtures().join("sdxl/reference.safetensors"))?;
+    let dir = pipeline::assemble(&common::fixtures(), &scratch("f16"));
+    let options = LoadOptions {
+        dtype: DType::F16,
+        ..options()
+    };
+    let teacher = SdxlTeacher::load(&dir, &options)?;
+    let embeds = teacher.encode_prompts(&PROMPTS)?;
+    let negative = teacher.encode_negative(None)?;
+    let time_ids = TimeIds::for_size((RESOLUTION, RESOLUTION));
+    let cond = teacher.condition(&embeds, &negative, &time_ids)?;
+    let latents = teacher.sample(&reference["noise"], &cond, STEPS, GUIDANCE)?;
+    assert_eq!(latents.dtype(), DType::F32);
+    let embed_err = relative_error(&embeds.encoder_hidden_states, &reference["prompt_embeds"])?;
+    let err = relative_error(&latents, &reference["latents"])?;
+    println!("f16: encoder_hidden_states relative error {embed_err:.2e}, latents {err:.2e}");
+    assert!(
+        embed_err < F16_TOL.0 && err < F16_TOL.1,
+        "{embed_err:.2e}, {err:.2e}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
     Ok(())
 }
