@@ -51,6 +51,7 @@ fn collect_sdxl(
     let prompts = read_prompts(&pairs.prompts).context("config key `ode_pairs.prompts`")?;
     let root = resolve_model(&pipeline.model, pipeline.revision.as_deref())
         .context("config key `teacher.model`")?;
+    // The workspace builds candle without CUDA, so the teacher runs on the CPU.
     let device = Device::Cpu;
     let teacher = SdxlTeacher::load(
         &root,
