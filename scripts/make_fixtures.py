@@ -42,6 +42,9 @@ Further groups (run all by default, or name them: `make_fixtures.py vae clip cou
          chunked with conv caches), float64; generator in scripts/fixtures_cogvideox_vae.py.
   t5     fixtures/t5/{v1_1_tiny,t5_tiny,tokenizer} and fixtures/sd3_text/tiny (SD3's
          encode_prompt): see scripts/fixtures_t5.py (run after `clip`).
+  sdxl_pipeline  fixtures/sdxl: a tiny StableDiffusionXLPipeline folder and its encode_prompt
+         and 4-step CFG sampling references (scripts/fixtures_sdxl_pipeline.py; reads
+         clip/tokenizer_small: run after `clip`).
   counts prints the tensor / parameter counts of the published VAE and CLIP configs that
          the Rust tests hard-code.
 """
@@ -569,7 +572,7 @@ def published_clip_counts():
         print(f"clip {name}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters")
 
 
-GROUPS = ("unet", "sampling", "vae", "clip", "t5", "cogvideox_vae")
+GROUPS = ("unet", "sampling", "vae", "clip", "t5", "cogvideox_vae", "sdxl_pipeline")
 
 
 def main():
@@ -599,6 +602,9 @@ def main():
     if "t5" in groups:
         from fixtures_t5 import make_t5_fixtures
         make_t5_fixtures()
+    if "sdxl_pipeline" in groups:
+        from fixtures_sdxl_pipeline import make_sdxl_pipeline
+        make_sdxl_pipeline(seed=4000)
     if "counts" in groups:
         published_vae_counts()
         published_clip_counts()

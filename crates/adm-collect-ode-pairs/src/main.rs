@@ -1,8 +1,12 @@
 //! `adm-collect-ode-pairs`: samples (noise, teacher sample, condition) pairs into an ODE-pair
 //! store (docs/ode-pair-store.md), checks stores and merges rank stores.
 //!
-//! Today the teacher is the toy teacher of a toy config (trained, or reused from the run
-//! folder); larger teachers plug in through the same `Backbone` trait and `collect` call.
+//! The teacher is either the toy teacher of a toy config (trained, or reused from the run
+//! folder) or a pretrained pipeline named by a collection config's `[teacher]` section
+//! (`kind = "sdxl"`, see `config.rs`); both go through `adm_train::collect::collect`.
+
+mod config;
+mod teacher;
 
 use std::path::PathBuf;
 
@@ -10,9 +14,10 @@ use adm_data::store::{merge, verify, Partition};
 use adm_train::collect::collect_toy_pairs_into;
 use adm_train::context::ToyContext;
 use adm_train::teacher::train_teacher;
-use adm_train::ToyRunConfig;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+
+use crate::config::JobConfig;
 
 #[derive(Parser)]
 #[command(version, about = "Collect, verify and merge ODE-pair stores")]
@@ -25,14 +30,15 @@ struct Args {
 enum Command {
     /// Collect (or resume collecting) the pairs of a config's teacher.
     Collect {
-        /// Run configuration (TOML). Default: the built-in configs/toy-2d.toml.
+        /// Run configuration (TOML): a toy run config or a teacher collection config
+        /// (`[teacher] kind = ...`). Default: the built-in configs/toy-2d.toml.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Override any config key (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// Store directory. Default: <run_dir>/ode-pairs, or <run_dir>/ode-pairs/rank-<r>
-        /// when --world-size > 1.
+        /// Store directory. Default: <run_dir>/ode-pairs (toy) or `ode_pairs.out` (teacher),
+        /// with /rank-<r> appended when --world-size > 1.
         #[arg(long)]
         out: Option<PathBuf>,
         /// This process collects the pairs i with i % world_size == rank.
@@ -65,15 +71,28 @@ fn main() -> Result<()> {
             if world_size == 0 || rank >= world_size {
                 bail!("--rank must be below --world-size (got rank {rank} of {world_size})");
             }
-            let ctx = ToyContext::new(ToyRunConfig::load(config.as_deref(), &overrides)?)?;
-            let dir = out.unwrap_or_else(|| match world_size {
-                1 => ctx.path("ode-pairs"),
-                _ => ctx.path("ode-pairs").join(format!("rank-{rank}")),
-            });
-            let teacher = train_teacher(&ctx)?;
-            let store =
-                collect_toy_pairs_into(&ctx, &teacher, &dir, Partition { rank, world_size })?;
-            println!("{}: {} pairs", dir.display(), store.len());
+            let partition = Partition { rank, world_size };
+            let store_dir = |default: PathBuf| {
+                out.unwrap_or_else(|| match world_size {
+                    1 => default.clone(),
+                    _ => default.join(format!("rank-{rank}")),
+                })
+            };
+            let (dir, pairs) = match JobConfig::load(config.as_deref(), &overrides)? {
+                JobConfig::Toy(config) => {
+                    let ctx = ToyContext::new(*config)?;
+                    let dir = store_dir(ctx.path("ode-pairs"));
+                    let teacher = train_teacher(&ctx)?;
+                    let store = collect_toy_pairs_into(&ctx, &teacher, &dir, partition)?;
+                    (dir, store.len())
+                }
+                JobConfig::Teacher(config) => {
+                    let dir = store_dir(config.ode_pairs.out.clone());
+                    let pairs = teacher::collect_teacher_pairs(&config, &dir, partition)?;
+                    (dir, pairs)
+                }
+            };
+            println!("{}: {pairs} pairs", dir.display());
         }
         Command::Verify { dir } => {
             let report = verify(&dir)?;

@@ -6,7 +6,8 @@
 //! The toy teacher is trained once (20 steps) into a shared run folder and copied into every
 //! other run folder (`run_dir/teacher.safetensors` is reused when its settings match).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -101,40 +102,10 @@ fn run_dir_with_teacher(name: &str) -> PathBuf {
     dir
 }
 
-/// Every file of a directory (not recursing) by name, with its bytes.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|entry| entry.unwrap())
-        .filter(|entry| entry.file_type().unwrap().is_file())
-        .map(|entry| {
-            let name = entry.file_name().into_string().unwrap();
-            (name, fs::read(entry.path()).unwrap())
-        })
-        .collect()
-}
-
-/// Same file names with the same bytes (the manifest holds no timestamps, so it is compared
-/// whole too).
+/// Same file names with the same bytes, and as many files as a complete store has.
 fn assert_same_store(expected: &Path, actual: &Path) {
-    let (expected_files, actual_files) = (files(expected), files(actual));
     assert_eq!(
-        expected_files.keys().collect::<Vec<_>>(),
-        actual_files.keys().collect::<Vec<_>>(),
-        "file lists of {} and {} differ",
-        expected.display(),
-        actual.display()
-    );
-    for (name, bytes) in &expected_files {
-        assert!(
-            bytes == &actual_files[name],
-            "{name} differs between {} and {}",
-            expected.display(),
-            actual.display()
-        );
-    }
-    assert_eq!(
-        expected_files.len(),
+        common::assert_same_files(expected, actual),
         SHARDS + 1,
         "shards plus manifest.json"
     );
@@ -316,7 +287,7 @@ fn two_ranks_merged_equal_the_single_process_store_even_when_the_merge_is_killed
 #[test]
 fn verify_names_corrupted_and_truncated_shards_and_fails() {
     let store = scratch("verify");
-    for (name, bytes) in files(&reference().join("ode-pairs")) {
+    for (name, bytes) in common::files(&reference().join("ode-pairs")) {
         fs::write(store.join(name), bytes).unwrap();
     }
     let verify = || {

@@ -9,6 +9,7 @@ pub mod forward_cli;
 pub mod heads;
 pub mod loading;
 pub mod sd3_text;
+pub mod sdxl;
 pub mod t5;
 pub mod toy_mlp;
 pub mod unet_2d;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use adm_data::toy::MixtureConfig;
 use adm_diffusion::{ScheduleConfig, TimestepDistribution};
 use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The default job's config, built into the binary so `adm-train` runs from any directory.
@@ -215,21 +216,7 @@ impl ToyRunConfig {
     /// Parses `text` (the file at `origin`, for messages), applies `key=value` overrides
     /// and validates.
     pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
-        let mut table: toml::Table =
-            toml::from_str(text).with_context(|| format!("{origin} is not valid TOML"))?;
-        for assignment in overrides {
-            apply_override(&mut table, assignment)?;
-        }
-        // Re-parse the merged document as text so that serde errors carry a line, from
-        // which the dotted key is recovered.
-        let merged = toml::to_string(&table)?;
-        let config: Self = toml::from_str(&merged).map_err(|e| {
-            let key = e
-                .span()
-                .map(|span| dotted_key_at(&merged, span.start))
-                .unwrap_or_default();
-            anyhow::anyhow!("{origin}: config key `{key}`: {}", e.message())
-        })?;
+        let config: Self = parse_toml(text, origin, overrides)?;
         config.validate()?;
         Ok(config)
     }
@@ -328,6 +315,30 @@ impl ToyRunConfig {
         adm_diffusion::Schedule::new(&self.schedule).context("config section `schedule`")?;
         Ok(())
     }
+}
+
+/// Parses the TOML document `text` (the file at `origin`, for messages) with `key=value`
+/// overrides applied into `T`; unknown keys and bad types are errors naming the dotted key.
+pub fn parse_toml<T: DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    overrides: &[String],
+) -> Result<T> {
+    let mut table: toml::Table =
+        toml::from_str(text).with_context(|| format!("{origin} is not valid TOML"))?;
+    for assignment in overrides {
+        apply_override(&mut table, assignment)?;
+    }
+    // Re-parse the merged document as text so that serde errors carry a line, from which the
+    // dotted key is recovered.
+    let merged = toml::to_string(&table)?;
+    toml::from_str(&merged).map_err(|e| {
+        let key = e
+            .span()
+            .map(|span| dotted_key_at(&merged, span.start))
+            .unwrap_or_default();
+        anyhow::anyhow!("{origin}: config key `{key}`: {}", e.message())
+    })
 }
 
 /// Applies `a.b.c=value`; the value is read as TOML (numbers, booleans, arrays, inline
