@@ -38,6 +38,8 @@ Further groups (run all by default, or name them: `make_fixtures.py vae clip cou
          open_clip's bpe_simple_vocab_16e6.txt.gz: `pip download open-clip-torch --no-deps`
          and unzip the wheel, or set CLIP_BPE), tokenizer_small/tokenizer.json (first 2000
          merges) and tokens.json (transformers' CLIPTokenizer ids for a few prompts).
+  cogvideox  fixtures/cogvideox/{cogvideox_2b_tiny,cogvideox_5b_tiny}: CogVideoXTransformer3DModel
+         (scripts/fixtures_cogvideox.py), float64; also prints the published configs' counts.
   counts prints the tensor / parameter counts of the published VAE and CLIP configs that
          the Rust tests hard-code.
 """
@@ -566,6 +568,7 @@ def published_clip_counts():
 
 
 GROUPS = ("unet", "sampling", "vae", "clip")
+GROUPS += ("cogvideox",)
 
 
 def main():
@@ -588,6 +591,10 @@ def main():
         make_clip_tokenizers()
         for seed, (name, spec) in enumerate(CLIP_MODELS.items()):
             make_clip_model(name, spec, seed=3000 + 10 * seed)
+    if "cogvideox" in groups:
+        import fixtures_cogvideox
+
+        fixtures_cogvideox.main()
     if "counts" in groups:
         published_vae_counts()
         published_clip_counts()

@@ -7,6 +7,8 @@
 //!   `text_embeds` (B, P) and `time_ids` (B, 6); output `sample`.
 //! - `AutoencoderKL`: input `latent` (B, latent_channels, h, w), unscaled as
 //!   `AutoencoderKL.decode` takes it; output the decoded `sample`.
+//! - `CogVideoXTransformer3DModel`: inputs `hidden_states` (B, F, C, H, W), `timestep`
+//!   ((B,) or one value), `encoder_hidden_states` (B, L, D); output `sample` (B, F, C, H, W).
 //!
 //! The output is written in f32 whatever the compute dtype.
 
@@ -15,12 +17,17 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::cogvideox::{self, CogVideoXTransformer3DModel};
 use crate::loading::{class_name, load_model, read_config, resolve_model, ModelIndex};
 use crate::unet_2d::{self, TextTime, UNet2DConditionModel};
 use crate::vae::{self, AutoencoderKL};
 
 /// The classes [`forward_dir`] runs.
-pub const SUPPORTED: &[&str] = &["UNet2DConditionModel", "AutoencoderKL"];
+pub const SUPPORTED: &[&str] = &[
+    "UNet2DConditionModel",
+    "AutoencoderKL",
+    "CogVideoXTransformer3DModel",
+];
 
 /// What `adm-forward` was asked to do.
 #[derive(Debug, Clone)]
@@ -148,7 +155,13 @@ pub fn forward_dir(
         "UNet2DConditionModel" => {
             let cfg: unet_2d::Config = read_config(dir)?;
             let allowed: &[&str] = if cfg.uses_text_time() {
-                &["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+                &[
+                    "sample",
+                    "timestep",
+                    "encoder_hidden_states",
+                    "text_embeds",
+                    "time_ids",
+                ]
             } else {
                 &["sample", "timestep", "encoder_hidden_states"]
             };
@@ -180,9 +193,26 @@ pub fn forward_dir(
             })?;
             vae.decode(need(&inputs, "latent", &class)?)?
         }
+        "CogVideoXTransformer3DModel" => {
+            let cfg: cogvideox::Config = read_config(dir)?;
+            check_input_names(
+                &inputs,
+                &["hidden_states", "timestep", "encoder_hidden_states"],
+                &class,
+            )?;
+            let model = load_model(dir, variant, dtype, device, &[], |vb| {
+                CogVideoXTransformer3DModel::new(vb, &cfg)
+            })?;
+            model.forward(
+                need(&inputs, "hidden_states", &class)?,
+                need(&inputs, "encoder_hidden_states", &class)?,
+                need(&inputs, "timestep", &class)?,
+            )?
+        }
         other => candle_core::bail!(
-            "adm-forward: model class `{other}` ({}) is not supported yet (UNet2DConditionModel, AutoencoderKL)",
-            dir.display()
+            "adm-forward: model class `{other}` ({}) is not supported yet ({})",
+            dir.display(),
+            SUPPORTED.join(", ")
         ),
     };
     out.to_dtype(DType::F32)
