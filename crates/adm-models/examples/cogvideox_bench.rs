@@ -38,8 +38,10 @@ fn mid_config() -> Config {
     .expect("mid config")
 }
 
-/// (name, config, latent (F, H, W), text length)
-fn cases() -> Vec<(&'static str, Config, (usize, usize, usize), usize)> {
+/// A benchmark case: name, config, latent (F, H, W), text length.
+type Case = (&'static str, Config, (usize, usize, usize), usize);
+
+fn cases() -> Vec<Case> {
     let dir =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cogvideox/cogvideox_2b_tiny");
     let tiny = adm_models::loading::read_config(&dir).expect("cogvideox_2b_tiny config.json");
