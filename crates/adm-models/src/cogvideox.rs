@@ -240,6 +240,15 @@ impl Config {
             ),
             ("in_channels", self.in_channels),
             ("out_channels", self.out_channels),
+            // The rotary grid is fitted into the sample size's patch grid.
+            (
+                "sample_height / patch_size",
+                self.sample_height.checked_div(self.patch_size).unwrap_or(0),
+            ),
+            (
+                "sample_width / patch_size",
+                self.sample_width.checked_div(self.patch_size).unwrap_or(0),
+            ),
         ];
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return bail(format!("`{name}` must be positive"));
@@ -881,9 +890,9 @@ impl CogVideoXTransformer3DModel {
         let &[b, f, c, height, width] = dims else {
             candle_core::bail!("cogvideox: hidden_states must be (B, F, C, H, W), got {dims:?}")
         };
-        if c != cfg.in_channels || height % p != 0 || width % p != 0 || f == 0 {
+        if c != cfg.in_channels || height % p != 0 || width % p != 0 || f * height * width == 0 {
             candle_core::bail!(
-                "cogvideox: hidden_states has shape {dims:?}; expected {} channels, at least one frame and H, W multiples of {p}",
+                "cogvideox: hidden_states has shape {dims:?}; expected {} channels, at least one frame and H, W positive multiples of {p}",
                 cfg.in_channels
             )
         }

@@ -337,7 +337,12 @@ fn bad_inputs_are_errors() -> Result<()> {
     );
     let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &dev);
     // Not 5-D, wrong channels, H not a multiple of the patch size.
-    for shape in [&[2, 4, 8, 8][..], &[2, 3, 5, 8, 8], &[2, 3, 4, 7, 8]] {
+    for shape in [
+        &[2, 4, 8, 8][..],
+        &[2, 3, 5, 8, 8],
+        &[2, 3, 4, 7, 8],
+        &[2, 3, 4, 0, 8],
+    ] {
         let err = f.model.forward(&zeros(shape)?, context, t).unwrap_err();
         assert!(err.to_string().contains("hidden_states"), "{err}");
     }
@@ -393,6 +398,8 @@ fn published_configs_have_diffusers_parameter_counts() -> Result<()> {
     reject(|c| c.ofs_embed_dim = Some(512), "ofs_embed_dim");
     reject(|c| c.activation_fn = "gelu".into(), "activation_fn");
     reject(|c| c.attention_head_dim = 40, "divisible by 16");
+    reject(|c| c.patch_size = 0, "`patch_size` must be positive");
+    reject(|c| c.sample_width = 1, "sample_width / patch_size");
     reject(
         |c| {
             c.use_rotary_positional_embeddings = false;
