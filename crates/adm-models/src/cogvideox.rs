@@ -14,7 +14,9 @@
 //!   for the input's size, never stored in checkpoints); CogVideoX-5B instead rotates the
 //!   queries and keys of the video tokens (3D rotary embedding, computed here as the
 //!   diffusers pipeline does and passes in); `use_learned_positional_embeddings` (5B-I2V) adds
-//!   the checkpoint's `patch_embed.pos_embedding` to text and video tokens;
+//!   the checkpoint's `patch_embed.pos_embedding` to text and video tokens (then the text
+//!   must have `max_text_seq_length` tokens; otherwise any length works: diffusers' sin-cos
+//!   table is zero over the text tokens, though it demands that length too);
 //! - `num_layers` blocks of joint text+video self-attention (qk LayerNorm) and a tanh-GELU
 //!   feed-forward, each modulated by CogVideoXLayerNormZero (separate shift / scale / gate for
 //!   text and video tokens, from the timestep embedding);
