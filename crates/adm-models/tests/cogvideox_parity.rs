@@ -447,8 +447,24 @@ fn backbone_wrapper() -> Result<()> {
     let other = cond.with("negative_encoder_hidden_states", (context * 0.5)?);
     assert!(relative_error(&guided_prediction(&backbone, x, t, &other, 6.0)?, &out)? > 1e-3);
 
-    // Image-to-video checkpoints predict fewer channels than they take.
+    // Image-to-video checkpoints predict fewer channels than they take; their learned
+    // position table fixes the text length and the latent size.
     let i2v = load_fixture("cogvideox_5b_i2v_tiny", DType::F32)?;
+    let (x, context, t) = (
+        &i2v.inputs["hidden_states"],
+        &i2v.inputs["encoder_hidden_states"],
+        &i2v.inputs["timestep"],
+    );
+    let err = i2v
+        .model
+        .forward(x, &context.narrow(1, 0, 5)?, t)
+        .unwrap_err();
+    assert!(err.to_string().contains("max_text_seq_length"), "{err}");
+    let err = i2v
+        .model
+        .forward(&x.narrow(3, 0, 4)?, context, t)
+        .unwrap_err();
+    assert!(err.to_string().contains("sample size 8x8"), "{err}");
     let err = CogVideoXBackbone::new(i2v.model, Schedule::new(&ScheduleConfig::cogvideox())?)
         .unwrap_err()
         .to_string();
