@@ -45,6 +45,8 @@ Further groups (run all by default, or name them: `make_fixtures.py vae clip cou
   sdxl_pipeline  fixtures/sdxl: a tiny StableDiffusionXLPipeline folder and its encode_prompt
          and 4-step CFG sampling references (scripts/fixtures_sdxl_pipeline.py; reads
          clip/tokenizer_small: run after `clip`).
+  cogvideox  fixtures/cogvideox/{cogvideox_2b_tiny,cogvideox_5b_tiny}: CogVideoXTransformer3DModel
+         (scripts/fixtures_cogvideox.py), float64; also prints the published configs' counts.
   counts prints the tensor / parameter counts of the published VAE and CLIP configs that
          the Rust tests hard-code.
 """
@@ -572,7 +574,7 @@ def published_clip_counts():
         print(f"clip {name}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters")
 
 
-GROUPS = ("unet", "sampling", "vae", "clip", "t5", "cogvideox_vae", "sdxl_pipeline")
+GROUPS = ("unet", "sampling", "vae", "clip", "t5", "cogvideox_vae", "sdxl_pipeline", "cogvideox")
 
 
 def main():
@@ -605,6 +607,9 @@ def main():
     if "sdxl_pipeline" in groups:
         from fixtures_sdxl_pipeline import make_sdxl_pipeline
         make_sdxl_pipeline(seed=4000)
+    if "cogvideox" in groups:
+        import fixtures_cogvideox
+        fixtures_cogvideox.main()
     if "counts" in groups:
         published_vae_counts()
         published_clip_counts()

@@ -119,6 +119,18 @@ impl ScheduleConfig {
             rescale_betas_zero_snr: true,
         }
     }
+
+    /// CogVideoX-5b's scheduler: [`Self::cogvideox`] with `snr_shift_scale = 1.0`.
+    pub fn cogvideox_5b() -> Self {
+        let mut cfg = Self::cogvideox();
+        if let Self::Vp {
+            snr_shift_scale, ..
+        } = &mut cfg
+        {
+            *snr_shift_scale = 1.0;
+        }
+        cfg
+    }
 }
 
 /// A validated schedule with its precomputed tables.
@@ -912,5 +924,50 @@ mod tests {
                 x0_hat + eps_hat.affine(0.7, 0.0)?
             });
         }
+    }
+
+    /// Video latents (B, F, C, H, W): every per-sample coefficient broadcasts over four
+    /// trailing dims, and the 5B schedule differs from the 2B one only by its SNR shift.
+    #[test]
+    fn video_latents_and_the_cogvideox_5b_schedule() {
+        let mut expected = ScheduleConfig::cogvideox();
+        if let ScheduleConfig::Vp {
+            snr_shift_scale, ..
+        } = &mut expected
+        {
+            assert_eq!(*snr_shift_scale, 3.0);
+            *snr_shift_scale = 1.0;
+        }
+        assert_eq!(ScheduleConfig::cogvideox_5b(), expected);
+        let five_b = schedule(expected);
+
+        let shape = (2, 3, 4, 2, 2);
+        let x0 = Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap();
+        let eps = Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap();
+        let t = times(&[900.0, 30.0]);
+        let x_t = five_b.add_noise(&x0, &eps, &t).unwrap();
+        assert_eq!(x_t.dims(), &[2, 3, 4, 2, 2]);
+        for (i, &time) in [900.0, 30.0].iter().enumerate() {
+            let (alpha, sigma) = five_b.alpha_sigma_f64(time);
+            let want =
+                (x0.get(i).unwrap() * alpha).unwrap() + (eps.get(i).unwrap() * sigma).unwrap();
+            assert_close(
+                &values(&x_t.get(i).unwrap()),
+                &values(&want.unwrap()),
+                1e-14,
+            );
+        }
+        let v = five_b.target(&x0, &eps, &t).unwrap();
+        let (x0_hat, eps_hat) = five_b.to_x0_eps(&v, &x_t, &t).unwrap();
+        assert_close(&values(&x0_hat), &values(&x0), 1e-12);
+        assert_close(&values(&eps_hat), &values(&eps), 1e-12);
+        let x_s = five_b
+            .ode_step(&x0_hat, &eps_hat, &times(&[500.0, 0.0]))
+            .unwrap();
+        assert_close(
+            &values(&x_s.get(1).unwrap()),
+            &values(&x0.get(1).unwrap()),
+            1e-12,
+        );
     }
 }

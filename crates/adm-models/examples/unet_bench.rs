@@ -9,8 +9,9 @@
 //!
 //!   RAYON_NUM_THREADS=2 cargo run --release -p adm-models --example unet_bench [tiny|mid]
 
+mod bench_util;
+
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use adm_models::frozen_var_builder;
 use adm_models::unet_2d::{Config, OneOrMany, TextTime, UNet2DConditionModel};
@@ -44,22 +45,6 @@ fn cases() -> Vec<(&'static str, Config, usize, usize)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet/sdxl_tiny");
     let tiny = adm_models::loading::read_config(&dir).expect("sdxl_tiny config.json");
     vec![("tiny", tiny, 16, 7), ("mid", mid_config(), 32, 77)]
-}
-
-fn median_ms(mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
-    for _ in 0..2 {
-        f()?;
-    }
-    let budget = Duration::from_secs(3);
-    let start = Instant::now();
-    let mut times = Vec::new();
-    while times.len() < 30 && (times.len() < 5 || start.elapsed() < budget) {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], times.len()))
 }
 
 fn main() -> Result<()> {
@@ -104,11 +89,11 @@ fn main() -> Result<()> {
             .map(|v| v.elem_count())
             .sum();
 
-        let (fwd, n_fwd) = median_ms(|| {
+        let (fwd, n_fwd) = bench_util::median_ms(|| {
             frozen.forward(&sample, &t, &context, added)?;
             Ok(())
         })?;
-        let (bwd, n_bwd) = median_ms(|| {
+        let (bwd, n_bwd) = bench_util::median_ms(|| {
             let out = trainable.forward(&sample, &t, &context, added)?;
             let grads = out.sum_all()?.backward()?;
             // Every weight got its gradient.

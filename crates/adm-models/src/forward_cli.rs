@@ -10,6 +10,8 @@
 //! - `AutoencoderKLCogVideoX`: input `latent` (B, latent_channels, F, h, w), unscaled as
 //!   `AutoencoderKLCogVideoX.decode` takes it; output the decoded frames `sample`
 //!   (B, 3, F', H, W). Encoder tensors in the checkpoint are skipped.
+//! - `CogVideoXTransformer3DModel`: inputs `hidden_states` (B, F, C, H, W), `timestep`
+//!   ((B,) or one value), `encoder_hidden_states` (B, L, D); output `sample` (B, F, C, H, W).
 //!
 //! The output is written in f32 whatever the compute dtype.
 
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::cogvideox::{self, CogVideoXTransformer3DModel};
 use crate::cogvideox_vae;
 use crate::loading::{class_name, load_model, read_config, resolve_model, ModelIndex};
 use crate::unet_2d::{self, TextTime, UNet2DConditionModel};
@@ -28,6 +31,7 @@ pub const SUPPORTED: &[&str] = &[
     "UNet2DConditionModel",
     "AutoencoderKL",
     "AutoencoderKLCogVideoX",
+    "CogVideoXTransformer3DModel",
 ];
 
 /// What `adm-forward` was asked to do.
@@ -156,7 +160,13 @@ pub fn forward_dir(
         "UNet2DConditionModel" => {
             let cfg: unet_2d::Config = read_config(dir)?;
             let allowed: &[&str] = if cfg.uses_text_time() {
-                &["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+                &[
+                    "sample",
+                    "timestep",
+                    "encoder_hidden_states",
+                    "text_embeds",
+                    "time_ids",
+                ]
             } else {
                 &["sample", "timestep", "encoder_hidden_states"]
             };
@@ -193,9 +203,26 @@ pub fn forward_dir(
             let vae = cogvideox_vae::load(dir, variant, dtype, device)?;
             vae.decode(need(&inputs, "latent", &class)?)?
         }
+        "CogVideoXTransformer3DModel" => {
+            let cfg: cogvideox::Config = read_config(dir)?;
+            check_input_names(
+                &inputs,
+                &["hidden_states", "timestep", "encoder_hidden_states"],
+                &class,
+            )?;
+            let model = load_model(dir, variant, dtype, device, &[], |vb| {
+                CogVideoXTransformer3DModel::new(vb, &cfg)
+            })?;
+            model.forward(
+                need(&inputs, "hidden_states", &class)?,
+                need(&inputs, "encoder_hidden_states", &class)?,
+                need(&inputs, "timestep", &class)?,
+            )?
+        }
         other => candle_core::bail!(
-            "adm-forward: model class `{other}` ({}) is not supported yet (UNet2DConditionModel, AutoencoderKL, AutoencoderKLCogVideoX)",
-            dir.display()
+            "adm-forward: model class `{other}` ({}) is not supported yet ({})",
+            dir.display(),
+            SUPPORTED.join(", ")
         ),
     };
     out.to_dtype(DType::F32)

@@ -4,6 +4,7 @@
 pub mod backbone;
 mod blocks;
 pub mod clip;
+pub mod cogvideox;
 pub mod cogvideox_vae;
 pub mod forward_cli;
 pub mod heads;

@@ -155,3 +155,32 @@ impl<M: Backbone> Student<M> {
         self.run_to(noise, cond, last, rng)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Video latents (B, F, C, H, W): the per-sample line time broadcasts over all four
+    /// trailing dims.
+    #[test]
+    fn line_points_of_video_latents() -> Result<()> {
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f32, 1.0, (2, 3, 4, 2, 2), &dev)?;
+        let noise = Tensor::randn(0f32, 1.0, (2, 3, 4, 2, 2), &dev)?;
+        let s = [0.25, 1.0];
+        let x = line_point(&x0, &noise, &s)?;
+        assert_eq!(x.dims(), x0.dims());
+        for (i, &si) in s.iter().enumerate() {
+            let want = ((x0.get(i)? * (1.0 - si))? + (noise.get(i)? * si)?)?;
+            let err = (x.get(i)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-6, "sample {i}: {err}");
+        }
+        let expanded = expand_like(&Tensor::new(&[3f32, 5.0], &dev)?, &x0)?;
+        assert_eq!(expanded.dims(), x0.dims());
+        assert_eq!(
+            expanded.get(1)?.flatten_all()?.min(0)?.to_scalar::<f32>()?,
+            5.0
+        );
+        Ok(())
+    }
+}
