@@ -53,7 +53,8 @@ const KERNEL: usize = 4;
 const STRIDE: usize = 2;
 const PAD: usize = 1;
 
-/// A convolution with PyTorch's default initialisation, `weight` (O, C, k...) and `bias` (O).
+/// A convolution with PyTorch's default initialisation, `weight` (O, C, k...) and an optional
+/// `bias` (O).
 /// Image convs run as conv2d with explicit padding and an input cropped to the exact extent
 /// the kernel reads: candle's conv2d backward fails for stride 2 when H and W differ in
 /// parity unless the extent is exact (CANDLE_PITFALLS.md). Video convs use adm-nn's conv3d,
@@ -62,7 +63,7 @@ const PAD: usize = 1;
 enum Conv {
     Image {
         weight: Tensor,
-        bias: Tensor,
+        bias: Option<Tensor>,
         kernel: usize,
         stride: usize,
         pad: usize,
@@ -78,6 +79,7 @@ impl Conv {
         kernel: usize,
         stride: usize,
         pad: usize,
+        with_bias: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
         match dims {
@@ -88,14 +90,18 @@ impl Conv {
                     candle_nn::init::DEFAULT_KAIMING_NORMAL,
                 )?;
                 let bound = 1.0 / ((in_channels * kernel * kernel) as f64).sqrt();
-                let bias = vb.get_with_hints(
-                    out_channels,
-                    "bias",
-                    Init::Uniform {
-                        lo: -bound,
-                        up: bound,
-                    },
-                )?;
+                let bias = with_bias
+                    .then(|| {
+                        vb.get_with_hints(
+                            out_channels,
+                            "bias",
+                            Init::Uniform {
+                                lo: -bound,
+                                up: bound,
+                            },
+                        )
+                    })
+                    .transpose()?;
                 Ok(Self::Image {
                     weight,
                     bias,
@@ -113,7 +119,12 @@ impl Conv {
                     padding: [pt, pad, pad],
                     ..Default::default()
                 };
-                Ok(Self::Video(adm_nn::conv3d(
+                let build = if with_bias {
+                    adm_nn::conv3d
+                } else {
+                    adm_nn::conv3d_no_bias
+                };
+                Ok(Self::Video(build(
                     in_channels,
                     out_channels,
                     [kt, kernel, kernel],
@@ -141,14 +152,17 @@ impl Conv {
                 let extent = |n: usize| ((n + 2 * pad - kernel) / stride) * stride + kernel;
                 let x = x.narrow(2, 0, extent(h))?.narrow(3, 0, extent(w))?;
                 let y = x.conv2d(weight, 0, *stride, 1, 1)?;
-                y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)
+                match bias {
+                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+                    None => Ok(y),
+                }
             }
         }
     }
 }
 
-/// One head: `layers` x (conv 4x4 stride 2 -> GroupNorm -> SiLU), then a 1x1 conv to one
-/// channel, averaged over every position to a (B,) logit.
+/// One head: `layers` x (conv 4x4 stride 2 -> GroupNorm -> SiLU), then a 1x1 conv (no bias)
+/// to one channel, averaged over every position to a (B,) logit.
 #[derive(Debug, Clone)]
 pub struct ConvHead {
     blocks: Vec<(Conv, GroupNorm)>,
@@ -170,6 +184,7 @@ impl ConvHead {
                     KERNEL,
                     STRIDE,
                     PAD,
+                    true,
                     vb.pp("conv"),
                 )?;
                 let norm = group_norm(cfg.groups, cfg.channels, GROUP_NORM_EPS, vb.pp("norm"))?;
@@ -183,7 +198,10 @@ impl ConvHead {
         };
         Ok(Self {
             blocks,
-            to_logits: Conv::new(cfg.dims, last, 1, 1, 1, 0, vb.pp("to_logits"))?,
+            // No bias on the logit conv: the GroupNorm shift before it already gives the head
+            // an offset, and under the hinge loss a logit bias gets exactly zero gradient
+            // while every margin is active (the real and fake terms cancel).
+            to_logits: Conv::new(cfg.dims, last, 1, 1, 1, 0, false, vb.pp("to_logits"))?,
             dims: cfg.dims,
         })
     }
