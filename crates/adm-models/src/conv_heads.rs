@@ -37,7 +37,7 @@ pub struct ConvHeadConfig {
 
 impl ConvHeadConfig {
     fn validate(&self) -> Result<()> {
-        if self.channels == 0 || self.groups == 0 || self.channels % self.groups != 0 {
+        if self.channels == 0 || self.groups == 0 || !self.channels.is_multiple_of(self.groups) {
             candle_core::bail!(
                 "conv heads: `groups` ({}) must be positive and divide `channels` ({})",
                 self.groups,
@@ -72,6 +72,8 @@ enum Conv {
 }
 
 impl Conv {
+    // The hyper-parameters of one conv; a struct for them would only be used here.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         dims: HeadDims,
         in_channels: usize,

@@ -306,7 +306,7 @@ pub fn load(
         weights.push(w);
     }
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let moments = Weights::open_files(&[opt_path.clone()])?;
+    let moments = Weights::open_files(std::slice::from_ref(&opt_path))?;
     let mut expected = std::collections::BTreeSet::new();
     for opt in optimizers.iter() {
         if !state.optimizers.contains_key(opt.name()) {

@@ -523,10 +523,12 @@ impl<B: Backbone + 'static> Engine<B> {
                 record.generator.loss, record.fake.loss
             ));
             bar.inc(1);
-            if self.config.log.sample_every > 0 && self.step % self.config.log.sample_every == 0 {
+            if self.config.log.sample_every > 0
+                && self.step.is_multiple_of(self.config.log.sample_every)
+            {
                 self.write_samples()?;
             }
-            if self.step % self.config.checkpoint.every == 0 || self.step == until {
+            if self.step.is_multiple_of(self.config.checkpoint.every) || self.step == until {
                 log.sync()?;
                 self.save_checkpoint()?;
                 saved_at = Some(self.step);
@@ -609,7 +611,7 @@ impl<B: Backbone + 'static> Engine<B> {
             self.ema.update()?;
         }
 
-        let dmd_probe = if self.step % self.config.log.probe_every == 0 {
+        let dmd_probe = if self.step.is_multiple_of(self.config.log.probe_every) {
             Some(self.probe_dmd_loss()?)
         } else {
             None

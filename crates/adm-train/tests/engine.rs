@@ -86,7 +86,7 @@ fn conditions() -> Result<ConditionBank> {
     let ids = Tensor::new(&[32f32, 32., 0., 0., 32., 32.], &dev)?
         .unsqueeze(0)?
         .repeat((n, 1))?;
-    Ok(ConditionBank::new(
+    ConditionBank::new(
         Condition::new()
             .with(
                 "encoder_hidden_states",
@@ -105,7 +105,7 @@ fn conditions() -> Result<ConditionBank> {
                 "negative_text_embeds",
                 Tensor::zeros((n, POOLED_DIM), DType::F32, &dev)?,
             ),
-    )?)
+    )
 }
 
 fn engine_config(method: EngineMethod, steps: usize, checkpoint_every: usize) -> EngineConfig {
