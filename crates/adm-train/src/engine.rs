@@ -618,13 +618,18 @@ impl<B: Backbone + 'static> Engine<B> {
         };
 
         let mut discriminator = None;
-        if self.discriminator.is_some() {
+        if let Some(d) = self.discriminator.as_mut() {
             for _ in 0..self.config.ttur {
                 for _ in 0..micro {
-                    let (x0, cond) = self.student_batch(&mut rng)?;
+                    let (x0, cond) = student_batch(
+                        &self.student,
+                        self.source.as_mut(),
+                        &self.config,
+                        &self.device,
+                        &mut rng,
+                    )?;
                     let (x_t, t, _) =
                         score::noised(self.teacher.schedule(), &x0.detach(), delta_t, &mut rng)?;
-                    let d = self.discriminator.as_ref().expect("checked above");
                     let loss = score::adm_discriminator_loss(
                         self.teacher.as_ref(),
                         self.config.cfg_scale,
@@ -635,13 +640,8 @@ impl<B: Backbone + 'static> Engine<B> {
                         delta_t,
                         &cond,
                     )?;
-                    self.discriminator
-                        .as_mut()
-                        .expect("checked above")
-                        .opt
-                        .accumulate(&loss, scale)?;
+                    d.opt.accumulate(&loss, scale)?;
                 }
-                let d = self.discriminator.as_mut().expect("checked above");
                 discriminator = Some(d.opt.apply()?);
             }
         }
@@ -653,14 +653,14 @@ impl<B: Backbone + 'static> Engine<B> {
         })
     }
 
-    /// Generator outputs with gradient (backward simulation for multi-step students) and
-    /// their conditions.
     fn student_batch(&mut self, rng: &mut StdRng) -> Result<(Tensor, Condition)> {
-        let n = self.config.batch_size;
-        let cond = self.source.next(n)?;
-        let noise = adm_nn::randn(rng, latent_dims(&self.config, n), &self.device)?;
-        let x0 = self.student.training_output(&noise, &cond, rng)?;
-        Ok((x0, cond))
+        student_batch(
+            &self.student,
+            self.source.as_mut(),
+            &self.config,
+            &self.device,
+            rng,
+        )
     }
 
     /// The DMD loss of the current generator on the fixed probe set.
@@ -721,6 +721,22 @@ fn entries<'a>(maps: &'a [(&'static str, VarMap, Option<serde_json::Value>)]) ->
             config: config.clone(),
         })
         .collect()
+}
+
+/// Generator outputs with gradient (backward simulation for multi-step students) and their
+/// conditions.
+fn student_batch<B: Backbone>(
+    student: &Student<B>,
+    source: &mut dyn ConditionSource,
+    config: &EngineConfig,
+    device: &Device,
+    rng: &mut StdRng,
+) -> Result<(Tensor, Condition)> {
+    let n = config.batch_size;
+    let cond = source.next(n)?;
+    let noise = adm_nn::randn(rng, latent_dims(config, n), device)?;
+    let x0 = student.training_output(&noise, &cond, rng)?;
+    Ok((x0, cond))
 }
 
 fn latent_dims(config: &EngineConfig, n: usize) -> Vec<usize> {
