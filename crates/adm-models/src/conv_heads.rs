@@ -392,4 +392,73 @@ mod tests {
         assert!(err.contains("divide `channels`"), "{err}");
         Ok(())
     }
+
+    /// The latent discriminator with conv heads on a frozen tiny SDXL-like UNet (f64): its
+    /// gradient with respect to the noisy input matches finite differences (the generator
+    /// loss needs it), and every head Var gets a gradient.
+    #[test]
+    fn latent_discriminator_on_a_unet() -> Result<()> {
+        use crate::backbone::Condition;
+        use crate::unet_2d::{Config, OneOrMany, UNet2DConditionModel, UNetBackbone};
+        use crate::LatentDiscriminator;
+        use adm_diffusion::{Schedule, ScheduleConfig};
+
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/unet/sdxl_tiny/config.json");
+        let mut cfg: Config = crate::loading::read_json(&path)?;
+        cfg.block_out_channels = vec![8, 16];
+        cfg.norm_num_groups = 4;
+        cfg.cross_attention_dim = OneOrMany::One(8);
+        cfg.addition_time_embed_dim = Some(4);
+        cfg.projection_class_embeddings_input_dim = Some(4 + 6 * 4);
+        let dev = Device::Cpu;
+        let unet_vars = SeededVarMap::new(4);
+        UNet2DConditionModel::new(unet_vars.var_builder(DType::F64, &dev), &cfg)?;
+        let frozen = crate::frozen_var_builder(unet_vars.varmap(), DType::F64, &dev)?;
+        let backbone = UNetBackbone::new(
+            UNet2DConditionModel::new(frozen, &cfg)?,
+            Schedule::new(&ScheduleConfig::sdxl())?,
+        );
+        let heads = SeededVarMap::new(6);
+        let disc = LatentDiscriminator::with_conv_heads(
+            std::sync::Arc::new(backbone),
+            &["down_blocks.1".to_string(), "up_blocks.0".to_string()],
+            &cfg_heads(),
+            heads.var_builder(DType::F64, &dev),
+        )?;
+        let f64_randn = |seed, shape: &[usize]| randn(seed, shape).to_dtype(DType::F64);
+        let cond = Condition::new()
+            .with("encoder_hidden_states", f64_randn(1, &[2, 3, 8])?)
+            .with("text_embeds", f64_randn(2, &[2, 4])?)
+            .with(
+                "time_ids",
+                Tensor::new(&[[32f64, 32., 0., 0., 32., 32.]; 2], &dev)?,
+            );
+        let t = Tensor::new(&[700f64, 120.0], &dev)?;
+        let x = f64_randn(3, &[2, 4, 8, 8])?;
+
+        let logits = disc.logits(&x, &t, &cond)?;
+        assert_eq!(logits.dims(), &[2]);
+        assert_every_var_has_grad(heads.varmap(), &logits.sum_all()?.backward()?)?;
+        let report = check_gradients(
+            |xs| disc.logits(&xs[0], &t, &cond),
+            &[x],
+            GradCheck {
+                max_probes_per_input: 6,
+                ..GradCheck::default()
+            },
+        )?;
+        println!("latent discriminator on a UNet: {report:?}");
+        assert!(report.max_abs_numeric > 1e-5, "{report:?}");
+        Ok(())
+    }
+
+    fn cfg_heads() -> ConvHeadConfig {
+        ConvHeadConfig {
+            dims: HeadDims::Image,
+            layers: 1,
+            channels: 8,
+            groups: 4,
+        }
+    }
 }

@@ -752,3 +752,73 @@ fn per_sample(values: &[f64], device: &Device) -> candle_core::Result<Tensor> {
         device,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine config as a TOML section reads it (e.g. a `[stage]` of a recipe).
+    const TOML: &str = r#"
+        method = "adm"
+        seed = 0
+        steps = 1000
+        batch_size = 4
+        grad_accumulation = 2
+        latent_shape = [4, 128, 128]
+        cfg_scale = 8.0
+        ttur = 1
+        flow_divisions = 64
+        taps = ["down_blocks.2", "mid_block", "up_blocks.1"]
+        ema_decay = 0.999
+        dmd_timesteps = { kind = "uniform", min = 0.02, max = 0.98 }
+        student = { output = "native", steps = [1.0] }
+        heads = { dims = "2d", layers = 2, channels = 256, groups = 32 }
+        generator = { learning_rate = 5e-7, warmup_steps = 100, grad_clip = 10.0 }
+        fake_score = { learning_rate = 5e-7, grad_clip = 10.0 }
+        discriminator = { learning_rate = 5e-7, grad_clip = 10.0, weight_decay = 0.01 }
+        checkpoint = { every = 500, keep_last = 3 }
+        log = { probe_every = 50, probe_size = 8, sample_every = 250, sample_count = 4 }
+    "#;
+
+    #[test]
+    fn config_reads_from_toml_and_bad_values_are_named() -> Result<()> {
+        let cfg: EngineConfig = toml::from_str(TOML)?;
+        cfg.validate()?;
+        assert_eq!(cfg.heads.dims, adm_models::HeadDims::Image);
+        assert_eq!(cfg.generator.betas, [0.9, 0.999]);
+        assert_eq!(cfg.generator.learning_rate_at(49), 5e-7 * 0.5);
+
+        let err = toml::from_str::<EngineConfig>(&TOML.replace("\"2d\"", "\"4d\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("heads") && err.contains("4d"), "{err}");
+        let mut bad = cfg.clone();
+        bad.student.steps = vec![0.5, 1.0];
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("engine.student.steps"), "{err}");
+        let mut bad = cfg;
+        bad.discriminator.grad_clip = 0.0;
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("engine.discriminator"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn condition_bank_cycles_and_seeks() -> Result<()> {
+        let rows = Tensor::arange(0f32, 5.0, &Device::Cpu)?;
+        let mut bank = ConditionBank::new(Condition::new().with("c", rows))?;
+        let take = |c: Condition| c.get("c").unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(take(bank.next(3)?), [0.0, 1.0, 2.0]);
+        assert_eq!(take(bank.next(3)?), [3.0, 4.0, 0.0]);
+        assert_eq!(bank.cursor(), 6);
+        assert_eq!(take(bank.fixed(2)?), [0.0, 1.0]);
+        bank.seek(4)?;
+        assert_eq!(take(bank.next(2)?), [4.0, 0.0]);
+        let ragged = Condition::new()
+            .with("a", Tensor::zeros(2, DType::F32, &Device::Cpu)?)
+            .with("b", Tensor::zeros(3, DType::F32, &Device::Cpu)?);
+        let err = ConditionBank::new(ragged).err().unwrap().to_string();
+        assert!(err.contains("`b` has 3 rows"), "{err}");
+        Ok(())
+    }
+}
