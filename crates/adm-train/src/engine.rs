@@ -430,12 +430,27 @@ impl<B: Backbone + 'static> Engine<B> {
         nets
     }
 
-    /// Resumes from the checkpoint `latest` names, if any; returns its step.
+    /// Resumes from the checkpoint `latest` names, if any; returns its step. When that
+    /// checkpoint is bad the error lists the earlier ones (load one with `resume_from`).
     pub fn resume(&mut self) -> Result<Option<usize>> {
-        match self.checkpoints.latest()? {
-            None => Ok(None),
-            Some(dir) => self.resume_from(&dir).map(Some),
-        }
+        let Some(dir) = self.checkpoints.latest()? else {
+            return Ok(None);
+        };
+        self.resume_from(&dir).map(Some).map_err(|e| {
+            let earlier: Vec<String> = self
+                .checkpoints
+                .list()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, d)| d != &dir)
+                .map(|(_, d)| d.display().to_string())
+                .collect();
+            e.context(format!(
+                "cannot resume from {} (earlier checkpoints: [{}])",
+                dir.display(),
+                earlier.join(", ")
+            ))
+        })
     }
 
     /// Loads checkpoint `dir` (all nets, optimisers, EMA, step, data cursor). On error

@@ -389,7 +389,9 @@ fn killed_and_resumed_run_repeats_the_uninterrupted_one() -> Result<()> {
 }
 
 fn err_text<T>(r: Result<T>) -> String {
-    format!("{:#}", r.err().expect("loading a bad checkpoint must fail"))
+    let msg = format!("{:#}", r.err().expect("loading a bad checkpoint must fail"));
+    println!("error: {msg}");
+    msg
 }
 
 #[test]
@@ -409,7 +411,9 @@ fn bad_checkpoints_fail_clearly_and_leave_the_previous_one_loadable() -> Result<
     let mut e = fresh(&dir)?;
     let msg = err_text(e.resume());
     assert!(
-        msg.contains("step-00000002/generator/diffusion_pytorch_model.safetensors"),
+        msg.contains("step-00000002/generator/diffusion_pytorch_model.safetensors")
+            && msg.contains("earlier checkpoints: [")
+            && msg.contains("step-00000001]"),
         "{msg}"
     );
     assert_eq!(e.step(), 0);
