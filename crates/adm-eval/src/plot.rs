@@ -228,7 +228,7 @@ fn draw_title(image: &mut RgbImage, layout: &Layout, (left, top): (i64, i64), la
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`,
 /// so readers never see a partial file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let file_name = path
         .file_name()
         .with_context(|| format!("output path {} has no file name", path.display()))?;

@@ -7,6 +7,13 @@ use candle_core::{Result, Tensor};
 use candle_nn::{linear, Linear, Module, VarBuilder};
 
 use crate::backbone::{Backbone, Condition};
+use crate::conv_heads::{ConvHeadConfig, ConvHeadSet};
+
+/// Trainable heads on a list of feature maps, one logit per sample.
+pub trait DiscriminatorHeads: Send + Sync {
+    /// (B,) logits averaged over the heads.
+    fn logits(&self, features: &[Tensor]) -> Result<Tensor>;
+}
 
 /// A head on a (B, C) feature vector: Linear -> SiLU -> Linear -> (B,) logits.
 #[derive(Debug, Clone)]
@@ -55,9 +62,10 @@ impl HeadSet {
             .collect::<Result<_>>()?;
         Ok(Self { heads })
     }
+}
 
-    /// (B,) logits averaged over the heads.
-    pub fn logits(&self, features: &[Tensor]) -> Result<Tensor> {
+impl DiscriminatorHeads for HeadSet {
+    fn logits(&self, features: &[Tensor]) -> Result<Tensor> {
         if features.len() != self.heads.len() {
             candle_core::bail!(
                 "{} heads but {} feature maps",
@@ -81,35 +89,36 @@ impl HeadSet {
 pub struct LatentDiscriminator {
     backbone: Arc<dyn Backbone>,
     taps: Vec<String>,
-    heads: HeadSet,
+    heads: Box<dyn DiscriminatorHeads>,
 }
 
 impl LatentDiscriminator {
+    /// Vector heads (`HeadSet`): for backbones whose taps are (B, C) vectors (the toy).
     pub fn new(
         backbone: Arc<dyn Backbone>,
         taps: &[String],
         head_hidden: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let offered = backbone.feature_taps();
-        let channels = taps
-            .iter()
-            .map(|tap| {
-                offered
-                    .iter()
-                    .find(|o| &o.name == tap)
-                    .map(|o| o.channels)
-                    .ok_or_else(|| {
-                        let names: Vec<&str> = offered.iter().map(|o| o.name.as_str()).collect();
-                        candle_core::Error::Msg(format!(
-                            "discriminator tap `{tap}` is not offered by the backbone (taps: {})",
-                            names.join(", ")
-                        ))
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let channels = tap_channels(backbone.as_ref(), taps)?;
         Ok(Self {
-            heads: HeadSet::new(&channels, head_hidden, vb)?,
+            heads: Box::new(HeadSet::new(&channels, head_hidden, vb)?),
+            backbone,
+            taps: taps.to_vec(),
+        })
+    }
+
+    /// Convolutional heads (`ConvHeadSet`): for image (B, C, H, W) or video (B, C, F, H, W)
+    /// feature maps.
+    pub fn with_conv_heads(
+        backbone: Arc<dyn Backbone>,
+        taps: &[String],
+        cfg: &ConvHeadConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let channels = tap_channels(backbone.as_ref(), taps)?;
+        Ok(Self {
+            heads: Box::new(ConvHeadSet::new(&channels, cfg, vb)?),
             backbone,
             taps: taps.to_vec(),
         })
@@ -119,6 +128,26 @@ impl LatentDiscriminator {
         let features = self.backbone.features(x_t, t, cond, &self.taps)?;
         self.heads.logits(&features)
     }
+}
+
+/// The channel count of each tap in `taps`, or an error naming a tap the backbone lacks.
+fn tap_channels(backbone: &dyn Backbone, taps: &[String]) -> Result<Vec<usize>> {
+    let offered = backbone.feature_taps();
+    taps.iter()
+        .map(|tap| {
+            offered
+                .iter()
+                .find(|o| &o.name == tap)
+                .map(|o| o.channels)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = offered.iter().map(|o| o.name.as_str()).collect();
+                    candle_core::Error::Msg(format!(
+                        "discriminator tap `{tap}` is not offered by the backbone (taps: {})",
+                        names.join(", ")
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// A frozen network whose intermediate activations a pixel-space discriminator reads.

@@ -6,6 +6,7 @@ mod blocks;
 pub mod clip;
 pub mod cogvideox;
 pub mod cogvideox_vae;
+pub mod conv_heads;
 pub mod forward_cli;
 pub mod heads;
 pub mod loading;
@@ -20,9 +21,10 @@ pub mod weights;
 pub use backbone::{
     guided_prediction, guided_x0_eps, predict_x0_eps, Backbone, Condition, FeatureTap,
 };
+pub use conv_heads::{ConvHead, ConvHeadConfig, ConvHeadSet, HeadDims};
 pub use heads::{
-    FeatureExtractor, HeadSet, LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp,
-    VectorHead,
+    DiscriminatorHeads, FeatureExtractor, HeadSet, LatentDiscriminator, PixelDiscriminator,
+    RandomFeatureMlp, VectorHead,
 };
 pub use toy_mlp::{ToyMlp, ToyMlpConfig};
 pub use weights::{copy_weights, frozen_var_builder, save_safetensors_atomic, varmap_tensors};

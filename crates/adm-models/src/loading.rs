@@ -499,6 +499,19 @@ pub fn load_into_varmap(dir: &Path, varmap: &VarMap) -> Result<()> {
 /// [`load_into_varmap`] from already opened weights; checkpoint tensors whose names end with
 /// one of `ignore` may be left unused.
 pub fn load_weights_into_varmap(weights: &Weights, varmap: &VarMap, ignore: &[&str]) -> Result<()> {
+    check_weights_match(weights, varmap, ignore)?;
+    let data = varmap.data().lock().unwrap();
+    for (name, var) in data.iter() {
+        let t = weights.load(name, None, var.device())?;
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Checks, without setting anything, that `weights` has exactly `varmap`'s Vars with their
+/// shapes (tensors whose names end with one of `ignore` may be extra); the error lists every
+/// problem and names the file.
+pub fn check_weights_match(weights: &Weights, varmap: &VarMap, ignore: &[&str]) -> Result<()> {
     let data = varmap.data().lock().unwrap();
     let mut problems = Vec::new();
     let mut vars: Vec<(&String, &candle_core::Var)> = data.iter().collect();
@@ -536,10 +549,6 @@ pub fn load_weights_into_varmap(weights: &Weights, varmap: &VarMap, ignore: &[&s
             problems.len(),
             shown.join("; ")
         )));
-    }
-    for (name, var) in vars {
-        let t = weights.load(name, None, var.device())?;
-        var.set(&t.to_dtype(var.dtype())?)?;
     }
     Ok(())
 }

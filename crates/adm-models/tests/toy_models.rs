@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use adm_diffusion::{Schedule, ScheduleConfig};
 use adm_models::toy_mlp::CLASS_LABELS;
+use adm_models::DiscriminatorHeads;
 use adm_models::{
     copy_weights, frozen_var_builder, guided_prediction, varmap_tensors, Backbone, Condition,
     FeatureExtractor, HeadSet, LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp, ToyMlp,

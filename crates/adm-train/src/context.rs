@@ -1,8 +1,6 @@
 //! What every toy stage shares: the config, the data, the schedule, seeded randomness,
 //! progress bars and per-step logs.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
 use adm_data::toy::GaussianMixture;
@@ -15,6 +13,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::config::ToyRunConfig;
+use crate::metrics::MetricsLog;
 
 pub struct ToyContext {
     pub config: ToyRunConfig,
@@ -108,30 +107,10 @@ pub fn progress(name: &str, len: usize) -> ProgressBar {
     bar
 }
 
-/// Per-step values of one stage as JSON lines in `run_dir/logs/<stage>.jsonl`.
-pub struct StageLog {
-    out: BufWriter<File>,
-}
-
-impl StageLog {
-    pub fn create(ctx: &ToyContext, stage: &str) -> Result<Self> {
-        let dir = ctx.path("logs");
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("{}.jsonl", stage.replace('+', "-")));
-        let file =
-            File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(Self {
-            out: BufWriter::new(file),
-        })
-    }
-
-    pub fn record(&mut self, step: usize, values: &[(&str, f64)]) -> Result<()> {
-        let mut row = serde_json::Map::new();
-        row.insert("step".into(), step.into());
-        for (name, value) in values {
-            row.insert((*name).into(), serde_json::json!(value));
-        }
-        writeln!(self.out, "{}", serde_json::Value::Object(row))?;
-        Ok(())
-    }
+/// Per-step values of the toy stage `stage` as JSON lines in `run_dir/logs/<stage>.jsonl`.
+pub fn stage_log(ctx: &ToyContext, stage: &str) -> Result<MetricsLog> {
+    let path = ctx
+        .path("logs")
+        .join(format!("{}.jsonl", stage.replace('+', "-")));
+    MetricsLog::create(&path)
 }

@@ -8,16 +8,17 @@ use std::sync::Arc;
 use adm_data::store::StoreReader;
 use adm_losses as losses;
 use adm_models::{
-    frozen_var_builder, guided_prediction, guided_x0_eps, predict_x0_eps, varmap_tensors, Backbone,
-    Condition, LatentDiscriminator, PixelDiscriminator, RandomFeatureMlp, ToyMlp,
+    frozen_var_builder, varmap_tensors, Condition, LatentDiscriminator, PixelDiscriminator,
+    RandomFeatureMlp, ToyMlp,
 };
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
-use crate::context::{progress, StageLog, ToyContext};
+use crate::context::{progress, stage_log, ToyContext};
 use crate::optim::Optimizer;
+use crate::score;
 use crate::student::{line_point, Student, Trainable};
 use crate::teacher::Teacher;
 
@@ -137,7 +138,7 @@ pub fn mse_pretrain(
         ctx.config.student.grad_clip,
     )?;
     let mut feed = PairFeed::new(pairs, adm_nn::derive_seed(ctx.config.seed, "mse-pairs"));
-    let mut log = StageLog::create(ctx, "mse")?;
+    let mut log = stage_log(ctx, "mse")?;
     let bar = progress("mse", cfg.steps);
     for step in 0..cfg.steps {
         let (noise, x0, cond) = feed.next(ctx, batch)?;
@@ -281,7 +282,7 @@ pub fn adp(ctx: &ToyContext, teacher: &Teacher, pairs: &StoreReader) -> Result<S
         clip,
     )?;
     let mut feed = PairFeed::new(pairs, adm_nn::derive_seed(ctx.config.seed, "adp-pairs"));
-    let mut log = StageLog::create(ctx, "adp")?;
+    let mut log = stage_log(ctx, "adp")?;
     let bar = progress("adp", cfg.steps);
     for step in 0..cfg.steps {
         let batch = nets.batch(ctx, &mut feed, &mut rng)?;
@@ -344,15 +345,7 @@ impl ScoreDistillation<'_> {
 
     /// Noise at uniform timesteps in [t_min, t_max].
     fn noised(&mut self, x0: &Tensor, t_min: f64) -> Result<(Tensor, Tensor, Tensor)> {
-        let n = x0.dim(0)?;
-        let t_max = self.ctx.schedule.t_max();
-        let t: Vec<f64> = (0..n)
-            .map(|_| self.rng.random_range(t_min..=t_max))
-            .collect();
-        let t = self.ctx.timesteps(&t)?;
-        let eps = self.ctx.noise(n, &mut self.rng)?;
-        let x_t = self.ctx.schedule.add_noise(x0, &eps, &t)?;
-        Ok((x_t, t, eps))
+        Ok(score::noised(&self.ctx.schedule, x0, t_min, &mut self.rng)?)
     }
 
     /// The f_psi loss: the plain denoising loss on detached student samples.
@@ -360,18 +353,15 @@ impl ScoreDistillation<'_> {
         let (x0, cond) = self.student_batch()?;
         let x0 = x0.detach();
         let (x_t, t, eps) = self.noised(&x0, 0.0)?;
-        let prediction = self.fake.net.forward(&x_t, &t, &cond)?;
-        Ok(losses::denoising(
-            &self.ctx.schedule,
-            &prediction,
+        Ok(score::fake_score_loss(
+            self.fake.net.as_ref(),
             &x0,
-            &eps,
-            &t,
+            (&x_t, &t, &eps),
+            &cond,
         )?)
     }
 
-    /// ADM's generator loss -D(x_s^fake, s): x_s^fake = step(f_psi, x_t, t -> t - dt) carries
-    /// the gradient into x_t and theta.
+    /// ADM's generator loss -D(x_s^fake, s).
     fn adm_generator_loss(
         &mut self,
         discriminator: &LatentDiscriminator,
@@ -379,17 +369,14 @@ impl ScoreDistillation<'_> {
     ) -> Result<Tensor> {
         let (x0, cond) = self.student_batch()?;
         let (x_t, t, _) = self.noised(&x0, delta_t)?;
-        let s = t.affine(1.0, -delta_t)?;
-        let fake_prediction = self.fake.net.forward(&x_t, &t, &cond)?;
-        let loss = losses::adm_generator(
-            &self.ctx.schedule,
-            &fake_prediction,
+        Ok(score::adm_generator_loss(
+            self.fake.net.as_ref(),
+            discriminator,
             &x_t,
             &t,
-            &s,
-            |x, s| discriminator.logits(x, s, &cond),
-        )?;
-        Ok(loss)
+            delta_t,
+            &cond,
+        )?)
     }
 
     /// ADM's hinge discriminator loss on teacher-CFG and fake-score flow steps from the same
@@ -401,19 +388,15 @@ impl ScoreDistillation<'_> {
     ) -> Result<Tensor> {
         let (x0, cond) = self.student_batch()?;
         let (x_t, t, _) = self.noised(&x0.detach(), delta_t)?;
-        let s = t.affine(1.0, -delta_t)?;
-        let cfg = self.ctx.config.teacher.cfg_scale;
-        let real_prediction =
-            guided_prediction(self.teacher.net.as_ref(), &x_t, &t, &cond, cfg)?.detach();
-        let fake_prediction = self.fake.net.forward(&x_t, &t, &cond)?.detach();
-        Ok(losses::adm_discriminator(
-            &self.ctx.schedule,
-            &real_prediction,
-            &fake_prediction,
+        Ok(score::adm_discriminator_loss(
+            self.teacher.net.as_ref(),
+            self.ctx.config.teacher.cfg_scale,
+            self.fake.net.as_ref(),
+            discriminator,
             &x_t,
             &t,
-            &s,
-            |x, s| discriminator.logits(x, s, &cond),
+            delta_t,
+            &cond,
         )?)
     }
 
@@ -426,15 +409,15 @@ impl ScoreDistillation<'_> {
         t: &Tensor,
         eps: &Tensor,
     ) -> Result<Tensor> {
-        let x_t = self.ctx.schedule.add_noise(&x0.detach(), eps, t)?;
-        let cfg = self.ctx.config.teacher.cfg_scale;
-        let p_real = guided_x0_eps(self.teacher.net.as_ref(), &x_t, t, cond, cfg)?
-            .0
-            .detach();
-        let p_fake = predict_x0_eps(self.fake.net.as_ref(), &x_t, t, cond)?
-            .0
-            .detach();
-        Ok(losses::dmd(x0, &p_real, &p_fake)?)
+        Ok(score::dmd_loss(
+            self.teacher.net.as_ref(),
+            self.ctx.config.teacher.cfg_scale,
+            self.fake.net.as_ref(),
+            x0,
+            cond,
+            t,
+            eps,
+        )?)
     }
 
     /// The DMD generator loss on a fresh batch (DMD2: t from `dmd.timesteps`).
@@ -505,7 +488,7 @@ pub fn dmd(
         clip,
     )?;
     let mut opt_f = Optimizer::new("fake-score", run.fake.varmap(), cfg.lr_fake, clip)?;
-    let mut log = StageLog::create(ctx, name)?;
+    let mut log = stage_log(ctx, name)?;
     let mut trace = Vec::new();
     let bar = progress(name, cfg.steps);
     for step in 0..cfg.steps {
@@ -575,7 +558,7 @@ pub fn adm(
     )?;
     let mut opt_f = Optimizer::new("fake-score", run.fake.varmap(), cfg.lr_fake, clip)?;
     let mut opt_d = Optimizer::new("discriminator", heads.varmap(), cfg.lr_discriminator, clip)?;
-    let mut log = StageLog::create(ctx, name)?;
+    let mut log = stage_log(ctx, name)?;
     let mut trace = Vec::new();
     let bar = progress(name, cfg.steps);
     for step in 0..cfg.steps {

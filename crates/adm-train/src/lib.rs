@@ -1,11 +1,16 @@
 //! Training stages for ADM / DMDX distillation and the toy pipeline behind `adm-train`.
 
+pub mod checkpoint;
 pub mod collect;
 pub mod config;
 pub mod context;
 pub mod distill;
+pub mod ema;
+pub mod engine;
+pub mod metrics;
 pub mod optim;
 pub mod pipeline;
+pub mod score;
 pub mod student;
 pub mod teacher;
 

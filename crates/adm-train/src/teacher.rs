@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use rand::Rng;
 
-use crate::context::{class_condition, progress, StageLog, ToyContext};
+use crate::context::{class_condition, progress, stage_log, ToyContext};
 use crate::optim::Optimizer;
 
 /// The frozen teacher F_phi and its weights (which initialise students and fake scores).
@@ -115,7 +115,7 @@ pub fn train_teacher(ctx: &ToyContext) -> Result<Teacher> {
         cfg.learning_rate,
         ctx.config.student.grad_clip,
     )?;
-    let mut log = StageLog::create(ctx, "teacher")?;
+    let mut log = stage_log(ctx, "teacher")?;
     let bar = progress("teacher", cfg.steps);
     let null_class = ctx.mixture.num_classes() as u32;
     for step in 0..cfg.steps {

@@ -1,0 +1,478 @@
+//! The training engine on a tiny SDXL-architecture UNet (random teacher, 8x8 latents): every
+//! trainable Var moves and the teacher does not; a killed and resumed run repeats an
+//! uninterrupted one exactly; bad checkpoints fail with errors naming the file and leave the
+//! previous checkpoint loadable.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use adm_diffusion::{Schedule, ScheduleConfig, TimestepDistribution};
+use adm_models::unet_2d::{Config, OneOrMany, UNet2DConditionModel, UNetBackbone};
+use adm_models::{varmap_tensors, Condition, ConvHeadConfig, HeadDims};
+use adm_nn::SeededVarMap;
+use adm_train::checkpoint::{step_dir_name, WEIGHTS_FILE};
+use adm_train::config::StudentOutput;
+use adm_train::engine::{
+    CheckpointConfig, ConditionBank, Engine, EngineConfig, EngineMethod, EngineNets, EngineStudent,
+    LogConfig,
+};
+use adm_train::optim::OptimizerConfig;
+use adm_train::student::Trainable;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+const CONTEXT_DIM: usize = 8;
+const POOLED_DIM: usize = 4;
+
+/// The parity fixture's SDXL-like config (text_time conditioning, both block types), shrunk
+/// to block_out_channels [8, 16].
+fn tiny_unet_config() -> Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../adm-models/tests/fixtures/unet/sdxl_tiny/config.json");
+    let mut cfg: Config = adm_models::loading::read_json(&path).unwrap();
+    cfg.block_out_channels = vec![8, 16];
+    cfg.norm_num_groups = 4;
+    cfg.cross_attention_dim = OneOrMany::One(CONTEXT_DIM);
+    cfg.addition_time_embed_dim = Some(4);
+    cfg.projection_class_embeddings_input_dim = Some(POOLED_DIM + 6 * 4);
+    cfg
+}
+
+fn schedule() -> Schedule {
+    Schedule::new(&ScheduleConfig::sdxl()).unwrap()
+}
+
+fn unet(vb: VarBuilder, cfg: &Config) -> candle_core::Result<UNetBackbone> {
+    Ok(UNetBackbone::new(
+        UNet2DConditionModel::new(vb, cfg)?,
+        schedule(),
+    ))
+}
+
+/// A random teacher (its weights, and the frozen backbone over them), and generator and
+/// fake score initialised from it.
+fn nets(cfg: &Config) -> Result<(HashMap<String, Tensor>, EngineNets<UNetBackbone>)> {
+    let seeded = SeededVarMap::new(7);
+    unet(seeded.var_builder(DType::F32, &Device::Cpu), cfg)?;
+    let weights: HashMap<String, Tensor> = varmap_tensors(seeded.varmap())
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().copy().unwrap()))
+        .collect();
+    let teacher = unet(
+        VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu),
+        cfg,
+    )?;
+    let trainable =
+        |seed| Trainable::from_weights(seed, &Device::Cpu, &weights, |vb| unet(vb, cfg));
+    let nets = EngineNets {
+        teacher: Arc::new(teacher),
+        generator: trainable(1)?,
+        fake_score: trainable(2)?,
+        net_config: Some(serde_json::to_value(cfg)?),
+    };
+    Ok((weights, nets))
+}
+
+/// Five pre-encoded "prompts" (a number that does not divide the 12 rows a step reads, so a
+/// lost data cursor shows) with SDXL's added conditioning and an empty negative prompt.
+fn conditions() -> Result<ConditionBank> {
+    let mut rng = StdRng::seed_from_u64(5);
+    let dev = Device::Cpu;
+    let n = 5;
+    let ids = Tensor::new(&[32f32, 32., 0., 0., 32., 32.], &dev)?
+        .unsqueeze(0)?
+        .repeat((n, 1))?;
+    ConditionBank::new(
+        Condition::new()
+            .with(
+                "encoder_hidden_states",
+                adm_nn::randn(&mut rng, (n, 3, CONTEXT_DIM), &dev)?,
+            )
+            .with(
+                "text_embeds",
+                adm_nn::randn(&mut rng, (n, POOLED_DIM), &dev)?,
+            )
+            .with("time_ids", ids)
+            .with(
+                "negative_encoder_hidden_states",
+                Tensor::zeros((n, 3, CONTEXT_DIM), DType::F32, &dev)?,
+            )
+            .with(
+                "negative_text_embeds",
+                Tensor::zeros((n, POOLED_DIM), DType::F32, &dev)?,
+            ),
+    )
+}
+
+fn engine_config(method: EngineMethod, steps: usize, checkpoint_every: usize) -> EngineConfig {
+    let opt = |lr| OptimizerConfig {
+        warmup_steps: 2,
+        ..OptimizerConfig::new(lr, 10.0)
+    };
+    EngineConfig {
+        method,
+        seed: 3,
+        steps,
+        batch_size: 2,
+        grad_accumulation: 2,
+        latent_shape: vec![4, 8, 8],
+        student: EngineStudent {
+            output: StudentOutput::Native,
+            // Two steps: backward simulation.
+            steps: vec![1.0, 0.5],
+        },
+        cfg_scale: 3.0,
+        ttur: 1,
+        flow_divisions: 64,
+        taps: vec!["down_blocks.1".into(), "up_blocks.0".into()],
+        heads: ConvHeadConfig {
+            dims: HeadDims::Image,
+            layers: 1,
+            channels: 8,
+            groups: 4,
+        },
+        dmd_timesteps: TimestepDistribution::Uniform {
+            min: 0.02,
+            max: 0.98,
+        },
+        generator: opt(1e-3),
+        fake_score: opt(1e-3),
+        discriminator: opt(2e-3),
+        ema_decay: 0.9,
+        checkpoint: CheckpointConfig {
+            every: checkpoint_every,
+            keep_last: 2,
+        },
+        log: LogConfig {
+            probe_every: 1,
+            probe_size: 2,
+            sample_every: 2,
+            sample_count: 2,
+        },
+    }
+}
+
+fn run_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("adm-engine-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn engine(
+    method: EngineMethod,
+    steps: usize,
+    every: usize,
+    dir: &Path,
+) -> Result<Engine<UNetBackbone>> {
+    let cfg = tiny_unet_config();
+    let (_, nets) = nets(&cfg)?;
+    Engine::new(
+        engine_config(method, steps, every),
+        dir,
+        nets,
+        Box::new(conditions()?),
+    )
+}
+
+fn snapshot(varmap: &VarMap) -> HashMap<String, Tensor> {
+    varmap_tensors(varmap)
+        .into_iter()
+        .map(|(n, t)| (n, t.copy().unwrap()))
+        .collect()
+}
+
+fn max_change(before: &HashMap<String, Tensor>, name: &str, after: &Tensor) -> f32 {
+    (after - &before[name])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn assert_every_var_moved(what: &str, before: &HashMap<String, Tensor>, varmap: &VarMap) {
+    let after = varmap_tensors(varmap);
+    assert_eq!(before.len(), after.len());
+    let still: Vec<&String> = after
+        .iter()
+        .filter(|(n, t)| max_change(before, n, t) == 0.0)
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        still.is_empty(),
+        "{what}: {} of {} Vars did not move: {still:?}",
+        still.len(),
+        after.len()
+    );
+}
+
+#[test]
+fn adm_moves_every_trainable_var_and_never_the_teacher() -> Result<()> {
+    let cfg = tiny_unet_config();
+    let (teacher_weights, nets) = nets(&cfg)?;
+    let teacher_before: HashMap<String, Tensor> = teacher_weights
+        .iter()
+        .map(|(n, t)| (n.clone(), t.copy().unwrap()))
+        .collect();
+    let dir = run_dir("moves");
+    let mut engine = Engine::new(
+        engine_config(EngineMethod::Adm, 2, 10),
+        &dir,
+        nets,
+        Box::new(conditions()?),
+    )?;
+    let generator = snapshot(engine.generator().varmap());
+    let fake = snapshot(engine.fake_score().varmap());
+    let heads = snapshot(engine.discriminator_heads().unwrap().varmap());
+    let ema = snapshot(engine.ema().varmap());
+    engine.train(2)?;
+    assert_every_var_moved("generator", &generator, engine.generator().varmap());
+    assert_every_var_moved("fake score", &fake, engine.fake_score().varmap());
+    assert_every_var_moved(
+        "discriminator heads",
+        &heads,
+        engine.discriminator_heads().unwrap().varmap(),
+    );
+    assert_every_var_moved("generator EMA", &ema, engine.ema().varmap());
+    for (name, t) in &teacher_weights {
+        assert_eq!(
+            max_change(&teacher_before, name, t),
+            0.0,
+            "teacher tensor {name} changed"
+        );
+    }
+
+    // The metrics log has every loss of both steps; the sample grid and the final checkpoint
+    // exist, and its generator folder loads with adm-models' loader like a diffusers UNet.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(engine.metrics_path())?
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for key in [
+        "loss_fake_score",
+        "loss_generator",
+        "loss_discriminator",
+        "grad_norm_generator",
+        "grad_norm_fake_score",
+        "grad_norm_discriminator",
+        "dmd_probe",
+        "steps_per_sec",
+    ] {
+        assert!(
+            rows.iter()
+                .all(|r| r[key].as_f64().is_some_and(f64::is_finite)),
+            "{key}"
+        );
+    }
+    // Warm-up over 2 steps: lr / 2, then lr.
+    assert_eq!(rows[0]["lr_generator"], 5e-4);
+    assert_eq!(rows[1]["lr_generator"], 1e-3);
+    assert!(dir.join("samples/step-00000002.png").is_file());
+    let ckpt = dir.join("checkpoints").join(step_dir_name(2));
+    let loaded_cfg: Config = adm_models::loading::read_config(&ckpt.join("generator"))?;
+    assert_eq!(loaded_cfg, cfg);
+    let reloaded = adm_models::loading::load_model(
+        &ckpt.join("generator_ema"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+        &[],
+        |vb| UNet2DConditionModel::new(vb, &loaded_cfg),
+    );
+    assert!(reloaded.is_ok());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn dmd_moves_the_generator_and_fake_score() -> Result<()> {
+    let dir = run_dir("dmd");
+    let mut engine = engine(EngineMethod::Dmd, 1, 10, &dir)?;
+    assert!(engine.discriminator_heads().is_none());
+    let generator = snapshot(engine.generator().varmap());
+    let fake = snapshot(engine.fake_score().varmap());
+    engine.train(1)?;
+    assert_every_var_moved("generator", &generator, engine.generator().varmap());
+    assert_every_var_moved("fake score", &fake, engine.fake_score().varmap());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The rows of the metrics log without the timing column.
+fn losses(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            row.as_object_mut().unwrap().remove("steps_per_sec");
+            row
+        })
+        .collect()
+}
+
+fn file_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for net in std::fs::read_dir(dir).unwrap() {
+        let path = net.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.is_dir() {
+            files.push((
+                format!("{name}/{WEIGHTS_FILE}"),
+                std::fs::read(path.join(WEIGHTS_FILE)).unwrap(),
+            ));
+        } else if name.ends_with(".safetensors") {
+            files.push((name, std::fs::read(&path).unwrap()));
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn killed_and_resumed_run_repeats_the_uninterrupted_one() -> Result<()> {
+    let (steps, every) = (4, 2);
+    let whole = run_dir("whole");
+    engine(EngineMethod::Adm, steps, every, &whole)?.train(steps)?;
+
+    let parts = run_dir("parts");
+    {
+        let mut first = engine(EngineMethod::Adm, steps, every, &parts)?;
+        assert_eq!(first.resume()?, None);
+        first.train(every)?;
+        // Killed here: everything in memory is dropped.
+    }
+    // A row written after the checkpoint by the killed process must not survive the resume.
+    std::fs::write(
+        parts.join("metrics.jsonl"),
+        std::fs::read_to_string(parts.join("metrics.jsonl"))?
+            + "{\"step\": 2, \"loss_generator\": 99.0}\n",
+    )?;
+    let mut second = engine(EngineMethod::Adm, steps, every, &parts)?;
+    assert_eq!(second.resume()?, Some(every));
+    second.train(steps)?;
+
+    let (a, b) = (
+        losses(&whole.join("metrics.jsonl")),
+        losses(&parts.join("metrics.jsonl")),
+    );
+    assert_eq!(a.len(), steps);
+    assert_eq!(a, b, "the resumed run's metrics differ");
+    let last = step_dir_name(steps);
+    let (fa, fb) = (
+        file_bytes(&whole.join("checkpoints").join(&last)),
+        file_bytes(&parts.join("checkpoints").join(&last)),
+    );
+    assert_eq!(fa.len(), 5, "four networks and the optimiser state");
+    for ((name, x), (_, y)) in fa.iter().zip(&fb) {
+        assert!(x == y, "{name} differs between the runs");
+    }
+    // keep_last = 2 of steps 2 and 4.
+    let kept: Vec<usize> = adm_train::checkpoint::Checkpoints::new(whole.join("checkpoints"), 2)?
+        .list()?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(kept, vec![2, 4]);
+    std::fs::remove_dir_all(&whole)?;
+    std::fs::remove_dir_all(&parts)?;
+    Ok(())
+}
+
+fn err_text<T>(r: Result<T>) -> String {
+    let msg = format!("{:#}", r.err().expect("loading a bad checkpoint must fail"));
+    println!("error: {msg}");
+    msg
+}
+
+#[test]
+fn bad_checkpoints_fail_clearly_and_leave_the_previous_one_loadable() -> Result<()> {
+    let dir = run_dir("bad");
+    let mut trained = engine(EngineMethod::Adm, 2, 1, &dir)?;
+    trained.train(2)?;
+    let good = dir.join("checkpoints").join(step_dir_name(1));
+    let bad = dir.join("checkpoints").join(step_dir_name(2));
+    let good_bytes = file_bytes(&good);
+    let fresh = |dir: &Path| engine(EngineMethod::Adm, 2, 1, dir);
+
+    // Truncated weights: `latest` names the bad checkpoint, resume fails naming the file.
+    let weights = bad.join("generator").join(WEIGHTS_FILE);
+    let full = std::fs::read(&weights)?;
+    std::fs::write(&weights, &full[..full.len() / 2])?;
+    let mut e = fresh(&dir)?;
+    let msg = err_text(e.resume());
+    assert!(
+        msg.contains("step-00000002/generator/diffusion_pytorch_model.safetensors")
+            && msg.contains("earlier checkpoints: [")
+            && msg.contains("step-00000001]"),
+        "{msg}"
+    );
+    assert_eq!(e.step(), 0);
+    std::fs::write(&weights, &full)?;
+
+    // A tensor of the wrong shape: the error names the tensor, both shapes and the file.
+    let fake_path = bad.join("fake_score").join(WEIGHTS_FILE);
+    let original = std::fs::read(&fake_path)?;
+    let mut tensors = candle_core::safetensors::load(&fake_path, &Device::Cpu)?;
+    tensors.insert(
+        "conv_in.bias".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu)?,
+    );
+    candle_core::safetensors::save(&tensors, &fake_path)?;
+    let msg = err_text(fresh(&dir)?.resume_from(&bad));
+    assert!(
+        msg.contains("fake_score/diffusion_pytorch_model.safetensors")
+            && msg.contains("`conv_in.bias` has shape [3]")
+            && msg.contains("[8]"),
+        "{msg}"
+    );
+    std::fs::write(&fake_path, &original)?;
+
+    // Missing trainer state.
+    let state = bad.join("trainer_state.json");
+    std::fs::rename(&state, dir.join("state.bak"))?;
+    let msg = err_text(fresh(&dir)?.resume_from(&bad));
+    assert!(msg.contains("step-00000002/trainer_state.json"), "{msg}");
+
+    // A wrong model: a UNet with other channels cannot take this checkpoint.
+    let mut other = tiny_unet_config();
+    other.block_out_channels = vec![8, 8];
+    let (_, other_nets) = nets(&other)?;
+    let mut wrong = Engine::new(
+        engine_config(EngineMethod::Adm, 2, 1),
+        &run_dir("wrong"),
+        other_nets,
+        Box::new(conditions()?),
+    )?;
+    let msg = err_text(wrong.resume_from(&good));
+    assert!(
+        msg.contains("step-00000001/generator/diffusion_pytorch_model.safetensors")
+            && msg.contains("shape"),
+        "{msg}"
+    );
+
+    // The previous checkpoint is untouched and loads.
+    assert!(
+        file_bytes(&good) == good_bytes,
+        "a failed load changed the good checkpoint"
+    );
+    let mut e = fresh(&dir)?;
+    assert_eq!(e.resume_from(&good)?, 1);
+    let (loaded, _) = e.generator_weights();
+    let on_disk =
+        candle_core::safetensors::load(good.join("generator").join(WEIGHTS_FILE), &Device::Cpu)?;
+    for (name, t) in &on_disk {
+        assert_eq!(max_change(&loaded, name, t), 0.0, "{name}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
