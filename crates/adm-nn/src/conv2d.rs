@@ -244,9 +244,11 @@ mod tests {
     use crate::test_util::{assert_close, rand_tensor, to_vec};
     use candle_core::Var;
 
-    /// (batch, c_in, c_out, h, w, kernel, padding, stride): odd / even and unequal sizes,
-    /// windows that leave rows unread, 1x1 and 3x3 kernels.
-    const CASES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    /// (batch, c_in, c_out, h, w, kernel, padding, stride).
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    /// Odd / even and unequal sizes, windows that leave rows unread, 1x1 to 4x4 kernels.
+    const CASES: &[Case] = &[
         (2, 3, 4, 5, 6, 3, 1, 1),
         (1, 2, 3, 6, 5, 3, 1, 2),
         (2, 2, 2, 7, 4, 3, 0, 2),
