@@ -55,19 +55,11 @@ const PAD: usize = 1;
 
 /// A convolution with PyTorch's default initialisation, `weight` (O, C, k...) and an optional
 /// `bias` (O).
-/// Image convs run as conv2d with explicit padding and an input cropped to the exact extent
-/// the kernel reads: candle's conv2d backward fails for stride 2 when H and W differ in
-/// parity unless the extent is exact (CANDLE_PITFALLS.md). Video convs use adm-nn's conv3d,
-/// which does the same internally.
+/// Image convs are adm-nn's conv2d, video convs adm-nn's conv3d (candle's conv2d backward
+/// fails for stride 2 when H and W differ in parity: CANDLE_PITFALLS.md).
 #[derive(Debug, Clone)]
 enum Conv {
-    Image {
-        weight: Tensor,
-        bias: Option<Tensor>,
-        kernel: usize,
-        stride: usize,
-        pad: usize,
-    },
+    Image(adm_nn::Conv2d),
     Video(adm_nn::Conv3d),
 }
 
@@ -104,13 +96,11 @@ impl Conv {
                         )
                     })
                     .transpose()?;
-                Ok(Self::Image {
-                    weight,
-                    bias,
-                    kernel,
+                let cfg = adm_nn::Conv2dConfig {
+                    padding: pad,
                     stride,
-                    pad,
-                })
+                };
+                Ok(Self::Image(adm_nn::Conv2d::new(weight, bias, cfg)))
             }
             HeadDims::Video => {
                 // 3 frames with one frame of zero padding each side when the spatial kernel
@@ -140,25 +130,7 @@ impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Video(conv) => conv.forward(x),
-            Self::Image {
-                weight,
-                bias,
-                kernel,
-                stride,
-                pad,
-            } => {
-                let (_, _, h, w) = x.dims4()?;
-                let x = x
-                    .pad_with_zeros(2, *pad, *pad)?
-                    .pad_with_zeros(3, *pad, *pad)?;
-                let extent = |n: usize| ((n + 2 * pad - kernel) / stride) * stride + kernel;
-                let x = x.narrow(2, 0, extent(h))?.narrow(3, 0, extent(w))?;
-                let y = x.conv2d(weight, 0, *stride, 1, 1)?;
-                match bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-                    None => Ok(y),
-                }
-            }
+            Self::Image(conv) => conv.forward(x),
         }
     }
 }
