@@ -325,6 +325,18 @@ fn published_configs() -> Result<()> {
         assert_eq!((names.len(), count), (tensors, params), "{cfg:?}");
     }
     assert_eq!(Config::vit_b().mlp_dim(), Config::default().mlp_dim());
+    // `window_size = 0`: every layer global, so every table spans the 64x64 grid.
+    let all_global = Config {
+        window_size: 0,
+        ..Config::vit_b()
+    };
+    let names = expected_tensors(|vb| SamVisionEncoder::new(vb, &all_global))?;
+    let tables: Vec<_> = names
+        .iter()
+        .filter(|(n, _)| n.ends_with("rel_pos_h"))
+        .collect();
+    assert_eq!(tables.len(), 12);
+    assert!(tables.iter().all(|(_, s)| s.dims() == [127, 64]));
 
     let tmp = TempDir::new("sam-config");
     let path = tmp.0.join("config.json");
