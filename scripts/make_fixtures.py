@@ -47,6 +47,8 @@ Further groups (run all by default, or name them: `make_fixtures.py vae clip cou
          clip/tokenizer_small: run after `clip`).
   cogvideox  fixtures/cogvideox/{cogvideox_2b_tiny,cogvideox_5b_tiny}: CogVideoXTransformer3DModel
          (scripts/fixtures_cogvideox.py), float64; also prints the published configs' counts.
+  sam    fixtures/sam/tiny: SamVisionModel (scripts/fixtures_sam.py), float64; also prints
+         the published SAM vision encoders' counts.
   counts prints the tensor / parameter counts of the published VAE and CLIP configs that
          the Rust tests hard-code.
 """
@@ -574,7 +576,7 @@ def published_clip_counts():
         print(f"clip {name}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters")
 
 
-GROUPS = ("unet", "sampling", "vae", "clip", "t5", "cogvideox_vae", "sdxl_pipeline", "cogvideox")
+GROUPS = ("unet", "sampling", "vae", "clip", "t5", "cogvideox_vae", "sdxl_pipeline", "cogvideox", "sam")
 
 
 def main():
@@ -610,6 +612,9 @@ def main():
     if "cogvideox" in groups:
         import fixtures_cogvideox
         fixtures_cogvideox.main()
+    if "sam" in groups:
+        import fixtures_sam
+        fixtures_sam.main()
     if "counts" in groups:
         published_vae_counts()
         published_clip_counts()

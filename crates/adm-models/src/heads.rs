@@ -161,7 +161,7 @@ pub trait FeatureExtractor: Send + Sync {
 /// timestep.
 pub struct PixelDiscriminator {
     extractor: Arc<dyn FeatureExtractor>,
-    heads: HeadSet,
+    heads: Box<dyn DiscriminatorHeads>,
 }
 
 impl PixelDiscriminator {
@@ -171,7 +171,23 @@ impl PixelDiscriminator {
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            heads: HeadSet::new(&extractor.feature_channels(), head_hidden, vb)?,
+            heads: Box::new(HeadSet::new(
+                &extractor.feature_channels(),
+                head_hidden,
+                vb,
+            )?),
+            extractor,
+        })
+    }
+
+    /// Convolutional heads (`ConvHeadSet`) on (B, C, H, W) feature maps (SAM's).
+    pub fn with_conv_heads(
+        extractor: Arc<dyn FeatureExtractor>,
+        cfg: &ConvHeadConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            heads: Box::new(ConvHeadSet::new(&extractor.feature_channels(), cfg, vb)?),
             extractor,
         })
     }
