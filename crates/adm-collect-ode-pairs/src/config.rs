@@ -226,8 +226,13 @@ resolution = 1024
 "#;
 
     fn parse(overrides: &[&str]) -> Result<JobConfig> {
-        let path =
-            std::env::temp_dir().join(format!("adm-collect-config-{}.toml", std::process::id()));
+        // One file per call: the tests of this module run in parallel in one process.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "adm-collect-config-{}-{call}.toml",
+            std::process::id()
+        ));
         std::fs::write(&path, SDXL)?;
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         let config = JobConfig::load(Some(&path), &overrides);
