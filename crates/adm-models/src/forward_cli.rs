@@ -7,6 +7,9 @@
 //!   `text_embeds` (B, P) and `time_ids` (B, 6); output `sample`.
 //! - `AutoencoderKL`: input `latent` (B, latent_channels, h, w), unscaled as
 //!   `AutoencoderKL.decode` takes it; output the decoded `sample`.
+//! - `SD3Transformer2DModel` (SD3 / SD3.5): inputs `hidden_states` (B, C, H, W), `timestep`
+//!   ((B,) or one value, 1000 x sigma), `encoder_hidden_states` (B, L, D) and
+//!   `pooled_projections` (B, P); output `sample` (the flow velocity).
 //!
 //! The output is written in f32 whatever the compute dtype.
 
@@ -16,11 +19,16 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::loading::{class_name, load_model, read_config, resolve_model, ModelIndex};
+use crate::mmdit::{self, SD3Transformer2DModel};
 use crate::unet_2d::{self, TextTime, UNet2DConditionModel};
 use crate::vae::{self, AutoencoderKL};
 
 /// The classes [`forward_dir`] runs.
-pub const SUPPORTED: &[&str] = &["UNet2DConditionModel", "AutoencoderKL"];
+pub const SUPPORTED: &[&str] = &[
+    "UNet2DConditionModel",
+    "AutoencoderKL",
+    "SD3Transformer2DModel",
+];
 
 /// What `adm-forward` was asked to do.
 #[derive(Debug, Clone)]
@@ -148,7 +156,13 @@ pub fn forward_dir(
         "UNet2DConditionModel" => {
             let cfg: unet_2d::Config = read_config(dir)?;
             let allowed: &[&str] = if cfg.uses_text_time() {
-                &["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+                &[
+                    "sample",
+                    "timestep",
+                    "encoder_hidden_states",
+                    "text_embeds",
+                    "time_ids",
+                ]
             } else {
                 &["sample", "timestep", "encoder_hidden_states"]
             };
@@ -180,9 +194,25 @@ pub fn forward_dir(
             })?;
             vae.decode(need(&inputs, "latent", &class)?)?
         }
+        "SD3Transformer2DModel" => {
+            let cfg: mmdit::Config = read_config(dir)?;
+            let names = [
+                "hidden_states",
+                "timestep",
+                "encoder_hidden_states",
+                "pooled_projections",
+            ];
+            check_input_names(&inputs, &names, &class)?;
+            let model = load_model(dir, variant, dtype, device, &[], |vb| {
+                SD3Transformer2DModel::new(vb, &cfg)
+            })?;
+            let [x, t, context, pooled] = names.map(|n| need(&inputs, n, &class));
+            model.forward(x?, t?, context?, pooled?)?
+        }
         other => candle_core::bail!(
-            "adm-forward: model class `{other}` ({}) is not supported yet (UNet2DConditionModel, AutoencoderKL)",
-            dir.display()
+            "adm-forward: model class `{other}` ({}) is not supported yet ({})",
+            dir.display(),
+            SUPPORTED.join(", ")
         ),
     };
     out.to_dtype(DType::F32)

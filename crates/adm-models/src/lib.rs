@@ -7,6 +7,7 @@ pub mod clip;
 pub mod forward_cli;
 pub mod heads;
 pub mod loading;
+pub mod mmdit;
 pub mod toy_mlp;
 pub mod unet_2d;
 pub mod vae;

@@ -525,7 +525,7 @@ impl Config {
 
 /// diffusers' `get_timestep_embedding` for per-sample `t` (N,): (N, dim) in f32, computed in
 /// f32 as diffusers does (it casts the timesteps with `.float()`).
-fn timestep_embedding(
+pub(crate) fn timestep_embedding(
     t: &Tensor,
     dim: usize,
     flip_sin_to_cos: bool,
@@ -556,13 +556,13 @@ fn timestep_embedding(
 
 /// `TimestepEmbedding`: linear_1, SiLU, linear_2.
 #[derive(Debug, Clone)]
-struct TimestepEmbedding {
+pub(crate) struct TimestepEmbedding {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl TimestepEmbedding {
-    fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
             linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
             linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,

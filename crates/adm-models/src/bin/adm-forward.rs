@@ -1,6 +1,7 @@
 //! `adm-forward --model DIR --inputs IN.safetensors --output OUT.safetensors`: one forward
-//! pass of a diffusers model folder (UNet2DConditionModel, AutoencoderKL decode), inputs and
-//! output under diffusers' argument names. See `adm_models::forward_cli`.
+//! pass of a diffusers model folder (UNet2DConditionModel, AutoencoderKL decode,
+//! SD3Transformer2DModel), inputs and output under diffusers' argument names. See
+//! `adm_models::forward_cli`.
 
 use std::path::PathBuf;
 
@@ -24,7 +25,8 @@ struct Cli {
     #[arg(long)]
     variant: Option<String>,
     /// Inputs: sample, timestep, encoder_hidden_states[, text_embeds, time_ids] (UNet) or
-    /// latent (AutoencoderKL).
+    /// latent (AutoencoderKL) or hidden_states, timestep, encoder_hidden_states,
+    /// pooled_projections (SD3Transformer2DModel).
     #[arg(long)]
     inputs: PathBuf,
     /// Where to write the output `sample` (f32).
