@@ -287,7 +287,8 @@ impl AdaLayerNorm {
 #[derive(Debug, Clone)]
 struct PatchEmbed {
     proj: Conv2d,
-    /// (max * max, dim), detached: a buffer in diffusers, never trained.
+    /// (max, max, dim), detached: a buffer in diffusers, never trained. It shares the storage
+    /// of the loaded tensor, so `load_into_varmap` reaches it.
     pos_embed: Tensor,
     max_size: usize,
     patch: usize,
@@ -318,7 +319,7 @@ impl PatchEmbed {
 
     /// (B, C, H, W) -> tokens (B, H/p * W/p, dim), row-major over the patch grid.
     fn forward(&self, latent: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = latent.dims4()?;
+        let (_, _, h, w) = latent.dims4()?;
         let (gh, gw) = (h / self.patch, w / self.patch);
         let tokens = self
             .proj
@@ -333,7 +334,6 @@ impl PatchEmbed {
             .narrow(0, top, gh)?
             .narrow(1, left, gw)?
             .reshape((1, gh * gw, self.dim))?;
-        debug_assert_eq!(tokens.dims(), &[b, gh * gw, self.dim]);
         tokens.broadcast_add(&pos)
     }
 }
