@@ -783,11 +783,12 @@ impl SD3Transformer2DModel {
                 ))
             }
         };
+        // Contiguous: candle's Linear is wrong on non-contiguous 3-D input.
         Ok(Inputs {
-            hidden_states: hidden_states.to_dtype(dtype)?,
+            hidden_states: hidden_states.to_dtype(dtype)?.contiguous()?,
             timestep,
-            context: context.to_dtype(dtype)?,
-            pooled: pooled_projections.to_dtype(dtype)?,
+            context: context.to_dtype(dtype)?.contiguous()?,
+            pooled: pooled_projections.to_dtype(dtype)?.contiguous()?,
             grid: (h / p, w / p),
         })
     }

@@ -384,6 +384,14 @@ fn bad_inputs_and_configs_are_errors() -> Result<()> {
         &pooled,
     )?;
     assert_eq!(relative_error(&one, &both)?, 0.0);
+    // A non-contiguous (transposed) context gives the same prediction.
+    let strided = context.transpose(1, 2)?.contiguous()?.transpose(1, 2)?;
+    assert!(!strided.is_contiguous());
+    let out = model.forward(&x, &t, &strided, &pooled)?;
+    assert_eq!(
+        relative_error(&out, &model.forward(&x, &t, &context, &pooled)?)?,
+        0.0
+    );
 
     let rejected = [
         ("qk_norm", serde_json::json!("layer_norm")),
