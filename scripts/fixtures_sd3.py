@@ -20,6 +20,9 @@ Models:
   sd35_large_tiny   SD3.5-Large-like: qk_norm = rms_norm.
   sd35_medium_tiny  SD3.5-Medium-like (MMDiT-X): dual_attention_layers = (0,), qk_norm, a
                     non-square 16x12 input (the position crop is off-centre in width).
+
+and sd3_tiny_sampling (run after sd3_tiny, whose weights it reads): an 8-step
+FlowMatchEulerDiscreteScheduler run (shift 3.0) with classifier-free guidance, float64.
 """
 
 from pathlib import Path
@@ -113,6 +116,73 @@ def make(name, spec, seed):
     print(f"mmdit/{name}: {n_params} parameters, {size / 1024:.0f} KiB, sample {list(out.shape)}")
 
 
+SAMPLING_STEPS = 8
+SAMPLING_GUIDANCE = 5.0
+
+
+def make_sampling(seed):
+    """fixtures/mmdit/sd3_tiny_sampling: the sd3_tiny transformer (weights read from its
+    fixture folder) sampled with diffusers' FlowMatchEulerDiscreteScheduler (1000 training
+    steps, shift 3.0) and guidance as the SD3 pipeline does it: one batch [negative; positive],
+    v = uncond + scale (cond - uncond), the scheduler's timesteps (1000 sigma) handed to the
+    transformer as they are.
+
+    The sigmas are passed explicitly as linspace(1, 1/N, N) (the scheduler shifts them):
+    the unit times the Rust sampler uses. (StableDiffusion3Pipeline's default instead spaces
+    the steps linearly between the shifted training sigmas 1 and shift(1/1000).)
+
+    inputs.safetensors (float32): noise, encoder_hidden_states, pooled_projections,
+    negative_encoder_hidden_states, negative_pooled_projections; outputs.safetensors:
+    timesteps (the scheduler's) and latents (the final sample, float64).
+    """
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    model = SD3Transformer2DModel.from_pretrained(OUT / "sd3_tiny").double().eval()
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    batch, (h, w) = 2, MODELS["sd3_tiny"]["hw"]
+    context = (batch, CONTEXT_LEN, cfg.joint_attention_dim)
+    pooled = (batch, cfg.pooled_projection_dim)
+    inputs = {
+        "noise": torch.randn((batch, cfg.in_channels, h, w), generator=g),
+        "encoder_hidden_states": torch.randn(context, generator=g),
+        "pooled_projections": torch.randn(pooled, generator=g),
+        # A negative prompt is a different (smaller) embedding, not zeros.
+        "negative_encoder_hidden_states": 0.3 * torch.randn(context, generator=g),
+        "negative_pooled_projections": 0.3 * torch.randn(pooled, generator=g),
+    }
+    out_dir = OUT / "sd3_tiny_sampling"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in inputs.items()}, out_dir / "inputs.safetensors")
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / SAMPLING_STEPS, SAMPLING_STEPS))
+    d = {k: v.double() for k, v in inputs.items()}
+    both_context = torch.cat([d["negative_encoder_hidden_states"], d["encoder_hidden_states"]])
+    both_pooled = torch.cat([d["negative_pooled_projections"], d["pooled_projections"]])
+    latents = d["noise"]
+    for t in scheduler.timesteps:
+        both = model(
+            hidden_states=torch.cat([latents, latents]),
+            timestep=t.double().expand(2 * batch),
+            encoder_hidden_states=both_context,
+            pooled_projections=both_pooled,
+        ).sample
+        uncond, cond = both.chunk(2)
+        velocity = uncond + SAMPLING_GUIDANCE * (cond - uncond)
+        latents = scheduler.step(velocity, t, latents).prev_sample
+    outputs = {
+        "timesteps": scheduler.timesteps.double().contiguous(),
+        "latents": latents.contiguous(),
+    }
+    save_file(outputs, out_dir / "outputs.safetensors")
+    print(
+        f"mmdit/sd3_tiny_sampling: timesteps {[round(x, 2) for x in scheduler.timesteps.tolist()]}, "
+        f"|latents| max {latents.abs().max():.4f}, dtype {latents.dtype}"
+    )
+
+
 def published_counts():
     """Tensor and parameter counts of the published configs (for the Rust test)."""
     from diffusers import SD3Transformer2DModel
@@ -137,3 +207,4 @@ def published_counts():
 def make_all():
     for seed, (name, spec) in enumerate(MODELS.items()):
         make(name, spec, seed=4000 + 10 * seed)
+    make_sampling(seed=4500)
