@@ -666,16 +666,15 @@ impl SD3Transformer2DModel {
         encoder_hidden_states: &Tensor,
         pooled_projections: &Tensor,
     ) -> Result<Tensor> {
-        let inputs = self.inputs(
+        let (sample, _) = self.forward_with_features(
             hidden_states,
             timestep,
             encoder_hidden_states,
             pooled_projections,
+            &[],
         )?;
-        let (sample, _) = self.trunk(&inputs, &[], true)?;
-        sample.ok_or_else(|| candle_core::Error::Msg("sd3: the forward stopped early".into()))
+        Ok(sample)
     }
-
     /// The prediction and the feature maps at `taps` (see [`Config::feature_taps`]), in the
     /// order requested.
     pub fn forward_with_features(
