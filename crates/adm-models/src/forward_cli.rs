@@ -12,6 +12,9 @@
 //!   (B, 3, F', H, W). Encoder tensors in the checkpoint are skipped.
 //! - `CogVideoXTransformer3DModel`: inputs `hidden_states` (B, F, C, H, W), `timestep`
 //!   ((B,) or one value), `encoder_hidden_states` (B, L, D); output `sample` (B, F, C, H, W).
+//! - `SD3Transformer2DModel` (SD3 / SD3.5): inputs `hidden_states` (B, C, H, W), `timestep`
+//!   ((B,) or one value, 1000 x sigma), `encoder_hidden_states` (B, L, D) and
+//!   `pooled_projections` (B, P); output `sample` (the flow velocity).
 //!
 //! The output is written in f32 whatever the compute dtype.
 
@@ -23,6 +26,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::cogvideox::{self, CogVideoXTransformer3DModel};
 use crate::cogvideox_vae;
 use crate::loading::{class_name, load_model, read_config, resolve_model, ModelIndex};
+use crate::mmdit::{self, SD3Transformer2DModel};
 use crate::unet_2d::{self, TextTime, UNet2DConditionModel};
 use crate::vae::{self, AutoencoderKL};
 
@@ -32,6 +36,7 @@ pub const SUPPORTED: &[&str] = &[
     "AutoencoderKL",
     "AutoencoderKLCogVideoX",
     "CogVideoXTransformer3DModel",
+    "SD3Transformer2DModel",
 ];
 
 /// What `adm-forward` was asked to do.
@@ -218,6 +223,21 @@ pub fn forward_dir(
                 need(&inputs, "encoder_hidden_states", &class)?,
                 need(&inputs, "timestep", &class)?,
             )?
+        }
+        "SD3Transformer2DModel" => {
+            let cfg: mmdit::Config = read_config(dir)?;
+            let names = [
+                "hidden_states",
+                "timestep",
+                "encoder_hidden_states",
+                "pooled_projections",
+            ];
+            check_input_names(&inputs, &names, &class)?;
+            let model = load_model(dir, variant, dtype, device, &[], |vb| {
+                SD3Transformer2DModel::new(vb, &cfg)
+            })?;
+            let [x, t, context, pooled] = names.map(|n| need(&inputs, n, &class));
+            model.forward(x?, t?, context?, pooled?)?
         }
         other => candle_core::bail!(
             "adm-forward: model class `{other}` ({}) is not supported yet ({})",

@@ -10,6 +10,7 @@ pub mod conv_heads;
 pub mod forward_cli;
 pub mod heads;
 pub mod loading;
+pub mod mmdit;
 pub mod sam;
 pub mod sd3_text;
 pub mod sdxl;

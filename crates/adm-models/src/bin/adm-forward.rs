@@ -1,7 +1,7 @@
 //! `adm-forward --model DIR --inputs IN.safetensors --output OUT.safetensors`: one forward
-//! pass of a diffusers model folder (UNet2DConditionModel, AutoencoderKL decode,
-//! CogVideoXTransformer3DModel), inputs and
-//! output under diffusers' argument names. See `adm_models::forward_cli`.
+//! pass of a diffusers model folder (UNet2DConditionModel, AutoencoderKL and
+//! AutoencoderKLCogVideoX decode, SD3Transformer2DModel, CogVideoXTransformer3DModel), inputs
+//! and output under diffusers' argument names. See `adm_models::forward_cli`.
 
 use std::path::PathBuf;
 
@@ -26,7 +26,8 @@ struct Cli {
     variant: Option<String>,
     /// Inputs: sample, timestep, encoder_hidden_states[, text_embeds, time_ids] (UNet) or
     /// latent (AutoencoderKL, AutoencoderKLCogVideoX) or hidden_states, timestep,
-    /// encoder_hidden_states (CogVideoXTransformer3DModel).
+    /// encoder_hidden_states[, pooled_projections] (CogVideoXTransformer3DModel,
+    /// SD3Transformer2DModel).
     #[arg(long)]
     inputs: PathBuf,
     /// Where to write the output `sample` (f32).
