@@ -10,8 +10,9 @@
 //!
 //!   RAYON_NUM_THREADS=2 cargo run --release -p adm-models --example mmdit_bench [tiny|mid]
 
+mod bench_util;
+
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use adm_models::frozen_var_builder;
 use adm_models::mmdit::{Config, SD3Transformer2DModel};
@@ -46,22 +47,6 @@ fn cases() -> Vec<(&'static str, Config, usize, usize)> {
     vec![("tiny", tiny, 16, 5), ("mid", mid_config(), 32, 77)]
 }
 
-fn median_ms(mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
-    for _ in 0..2 {
-        f()?;
-    }
-    let budget = Duration::from_secs(3);
-    let start = Instant::now();
-    let mut times = Vec::new();
-    while times.len() < 30 && (times.len() < 5 || start.elapsed() < budget) {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], times.len()))
-}
-
 fn main() -> Result<()> {
     let only: Option<String> = std::env::args().nth(1);
     let dev = Device::Cpu;
@@ -94,11 +79,11 @@ fn main() -> Result<()> {
             .map(|(_, v)| v.elem_count())
             .sum();
 
-        let (fwd, n_fwd) = median_ms(|| {
+        let (fwd, n_fwd) = bench_util::median_ms(|| {
             frozen.forward(&x, &t, &context, &pooled)?;
             Ok(())
         })?;
-        let (bwd, n_bwd) = median_ms(|| {
+        let (bwd, n_bwd) = bench_util::median_ms(|| {
             let out = trainable.forward(&x, &t, &context, &pooled)?;
             let grads = out.sum_all()?.backward()?;
             for (name, var) in &vars {

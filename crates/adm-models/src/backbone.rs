@@ -53,6 +53,23 @@ impl Condition {
         Ok(Self { tensors })
     }
 
+    /// This condition with each of `names` replaced by the tensor `negative_{name}`: the
+    /// negative-prompt encoding that the data carries for classifier-free guidance. `model`
+    /// names the backbone in the error when one is missing.
+    pub fn with_negatives(&self, model: &str, names: &[&str]) -> Result<Self> {
+        let mut out = self.clone();
+        for name in names {
+            let negative = format!("negative_{name}");
+            let tensor = self.get(&negative).map_err(|_| {
+                candle_core::Error::Msg(format!(
+                    "{model}: the unconditional (negative prompt) condition must come from the data: the condition needs `{negative}`"
+                ))
+            })?;
+            out = out.with(name, tensor.clone());
+        }
+        Ok(out)
+    }
+
     /// Concatenates two conditions with the same names along the batch dimension.
     pub fn cat(&self, other: &Self) -> Result<Self> {
         self.map_with(other, |a, b| Tensor::cat(&[a, b], 0))

@@ -37,9 +37,7 @@ use candle_nn::{
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};
-use crate::unet_2d::{
-    timestep_embedding, TimestepEmbedding, ENCODER_HIDDEN_STATES, NEGATIVE_ENCODER_HIDDEN_STATES,
-};
+use crate::unet_2d::{timestep_embedding, TimestepEmbedding, ENCODER_HIDDEN_STATES};
 
 /// diffusers' `CogVideoXTransformer3DModel` config.json; the defaults are diffusers' (which
 /// are CogVideoX-2B's). Unknown keys are ignored; options this implementation does not
@@ -619,17 +617,9 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.out.forward(&gelu_tanh(&self.proj.forward(xs)?)?)
+        self.out
+            .forward(&adm_nn::gelu_tanh(&self.proj.forward(xs)?)?)
     }
-}
-
-/// The tanh-approximate GELU `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`, written as
-/// `x sigmoid(2 √(2/π) (x + 0.044715 x³))` (the same function): candle's CPU `gelu` and its
-/// backward call the scalar `tanhf` per element, several times slower than `exp`.
-fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    const TWO_SQRT_2_OVER_PI: f64 = 1.595_769_121_605_730_7;
-    let inner = (x + (x.sqr()? * x)?.affine(0.044715, 0.0)?)?;
-    x * candle_nn::ops::sigmoid(&inner.affine(TWO_SQRT_2_OVER_PI, 0.0)?)?
 }
 
 /// `CogVideoXBlock`.
@@ -1030,32 +1020,13 @@ impl Backbone for CogVideoXBackbone {
     }
 
     fn unconditional(&self, cond: &Condition) -> Result<Condition> {
-        let negative = cond.get(NEGATIVE_ENCODER_HIDDEN_STATES).map_err(|_| {
-            candle_core::Error::Msg(format!(
-                "cogvideox: the unconditional (negative prompt) condition must come from the data: the condition needs `{NEGATIVE_ENCODER_HIDDEN_STATES}`"
-            ))
-        })?;
-        Ok(cond.clone().with(ENCODER_HIDDEN_STATES, negative.clone()))
+        cond.with_negatives("cogvideox", &[ENCODER_HIDDEN_STATES])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use adm_nn::{check_gradients, GradCheck};
-
-    #[test]
-    fn gelu_tanh_equals_candles_tanh_gelu_and_has_exact_gradients() -> Result<()> {
-        let x = (Tensor::randn(0f64, 1.0, (3, 50), &Device::Cpu)? * 3.0)?;
-        let err = (gelu_tanh(&x)? - x.gelu()?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f64>()?;
-        assert!(err < 1e-14, "{err}");
-        let report = check_gradients(|xs| gelu_tanh(&xs[0]), &[x], GradCheck::default())?;
-        assert!(report.max_abs_numeric > 0.1, "{report:?}");
-        Ok(())
-    }
 
     #[test]
     fn linspace_matches_torch_and_rounding_is_pythons() {

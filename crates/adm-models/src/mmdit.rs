@@ -530,8 +530,8 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation.
-        self.out.forward(&self.proj.forward(xs)?.gelu()?)
+        self.out
+            .forward(&adm_nn::gelu_tanh(&self.proj.forward(xs)?)?)
     }
 }
 
@@ -954,16 +954,6 @@ impl Backbone for MMDiTBackbone {
     }
 
     fn unconditional(&self, cond: &Condition) -> Result<Condition> {
-        let need = |name: &str| {
-            cond.get(name).cloned().map_err(|_| {
-                candle_core::Error::Msg(format!(
-                    "sd3: the unconditional (negative prompt) condition must come from the data: the condition needs `{name}`"
-                ))
-            })
-        };
-        Ok(cond
-            .clone()
-            .with(ENCODER_HIDDEN_STATES, need(NEGATIVE_ENCODER_HIDDEN_STATES)?)
-            .with(POOLED_PROJECTIONS, need(NEGATIVE_POOLED_PROJECTIONS)?))
+        cond.with_negatives("sd3", &[ENCODER_HIDDEN_STATES, POOLED_PROJECTIONS])
     }
 }

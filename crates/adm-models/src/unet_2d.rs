@@ -1478,18 +1478,9 @@ impl Backbone for UNetBackbone {
     }
 
     fn unconditional(&self, cond: &Condition) -> Result<Condition> {
-        let need = |name: &str| {
-            cond.get(name).cloned().map_err(|_| {
-                candle_core::Error::Msg(format!(
-                    "unet: the unconditional (negative prompt) condition must come from the data: the condition needs `{name}`"
-                ))
-            })
-        };
-        let mut out = cond
-            .clone()
-            .with(ENCODER_HIDDEN_STATES, need(NEGATIVE_ENCODER_HIDDEN_STATES)?);
+        let mut out = cond.with_negatives("unet", &[ENCODER_HIDDEN_STATES])?;
         if self.unet.config.uses_text_time() {
-            out = out.with(TEXT_EMBEDS, need(NEGATIVE_TEXT_EMBEDS)?);
+            out = out.with_negatives("unet", &[TEXT_EMBEDS])?;
             if let Ok(ids) = cond.get(NEGATIVE_TIME_IDS) {
                 out = out.with(TIME_IDS, ids.clone());
             }

@@ -19,6 +19,6 @@ pub use conv3d::{conv3d, conv3d_forward, conv3d_no_bias, Conv3d, Conv3dConfig, T
 pub use gradcheck::{assert_every_var_has_grad, check_gradients, GradCheck, GradReport};
 pub use init::{derive_seed, randn, SeededVarMap};
 pub use ops::layers::{layer_norm, rms_norm};
-pub use ops::{log_softmax, softmax, LayerNorm, RmsNorm};
+pub use ops::{gelu_tanh, log_softmax, softmax, LayerNorm, RmsNorm};
 pub use rope::{apply_rotary_emb, rope_cos_sin, RopeLayout};
 pub use upsample::{upsample_nearest2d, upsample_nearest3d};
