@@ -11,7 +11,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{group_norm, GroupNorm, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::heads::DiscriminatorHeads;
+use crate::heads::Heads;
 
 /// Images (features `(B, C, H, W)`) or video (features `(B, C, F, H, W)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,9 +179,11 @@ impl ConvHead {
             dims: cfg.dims,
         })
     }
+}
 
+impl Module for ConvHead {
     /// (B,) logits of `features`: (B, C, H, W) for image heads, (B, C, F, H, W) for video.
-    pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+    fn forward(&self, features: &Tensor) -> Result<Tensor> {
         let rank = match self.dims {
             HeadDims::Image => 4,
             HeadDims::Video => 5,
@@ -211,47 +213,18 @@ impl ConvHead {
 }
 
 /// One [`ConvHead`] per feature tap, named `heads.{i}`; the logit is the mean over heads.
-#[derive(Debug, Clone)]
-pub struct ConvHeadSet {
-    heads: Vec<ConvHead>,
-}
+pub type ConvHeadSet = Heads<ConvHead>;
 
 impl ConvHeadSet {
     pub fn new(channels: &[usize], cfg: &ConvHeadConfig, vb: VarBuilder) -> Result<Self> {
-        if channels.is_empty() {
-            candle_core::bail!("a discriminator needs at least one feature tap");
-        }
-        let heads = channels
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| ConvHead::new(c, cfg, vb.pp(format!("heads.{i}"))))
-            .collect::<Result<_>>()?;
-        Ok(Self { heads })
-    }
-}
-
-impl DiscriminatorHeads for ConvHeadSet {
-    fn logits(&self, features: &[Tensor]) -> Result<Tensor> {
-        if features.len() != self.heads.len() {
-            candle_core::bail!(
-                "{} heads but {} feature maps",
-                self.heads.len(),
-                features.len()
-            );
-        }
-        let per_head = self
-            .heads
-            .iter()
-            .zip(features)
-            .map(|(head, f)| head.forward(f))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::stack(&per_head, 0)?.mean(0)
+        Self::build(channels, vb, |c, vb| ConvHead::new(c, cfg, vb))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::heads::DiscriminatorHeads;
     use adm_nn::{assert_every_var_has_grad, check_gradients, GradCheck, SeededVarMap};
     use candle_core::{DType, Device};
     use rand::rngs::StdRng;

@@ -29,8 +29,10 @@ impl VectorHead {
             linear_2: linear(hidden, 1, vb.pp("linear_2"))?,
         })
     }
+}
 
-    pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+impl Module for VectorHead {
+    fn forward(&self, features: &Tensor) -> Result<Tensor> {
         if features.rank() != 2 {
             candle_core::bail!(
                 "a vector head takes (batch, channels) features, got shape {:?}",
@@ -43,28 +45,42 @@ impl VectorHead {
     }
 }
 
-/// One head per feature tap; the discriminator's logit is their mean.
+/// One head per feature tap, named `heads.{i}`; the discriminator's logit is their mean.
 #[derive(Debug, Clone)]
-pub struct HeadSet {
-    heads: Vec<VectorHead>,
+pub struct Heads<H> {
+    heads: Vec<H>,
 }
 
-impl HeadSet {
-    /// Heads named `heads.{i}` for features with the given channel counts.
-    pub fn new(channels: &[usize], hidden: usize, vb: VarBuilder) -> Result<Self> {
+/// Vector heads on pooled features (the toy's).
+pub type HeadSet = Heads<VectorHead>;
+
+impl<H> Heads<H> {
+    /// Head `i` is `build(channels[i], vb.pp("heads.{i}"))`.
+    pub fn build(
+        channels: &[usize],
+        vb: VarBuilder,
+        build: impl Fn(usize, VarBuilder) -> Result<H>,
+    ) -> Result<Self> {
         if channels.is_empty() {
             candle_core::bail!("a discriminator needs at least one feature tap");
         }
         let heads = channels
             .iter()
             .enumerate()
-            .map(|(i, &c)| VectorHead::new(c, hidden, vb.pp(format!("heads.{i}"))))
+            .map(|(i, &c)| build(c, vb.pp(format!("heads.{i}"))))
             .collect::<Result<_>>()?;
         Ok(Self { heads })
     }
 }
 
-impl DiscriminatorHeads for HeadSet {
+impl HeadSet {
+    /// Vector heads with `hidden` units for features with the given channel counts.
+    pub fn new(channels: &[usize], hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Self::build(channels, vb, |c, vb| VectorHead::new(c, hidden, vb))
+    }
+}
+
+impl<H: Module + Send + Sync> DiscriminatorHeads for Heads<H> {
     fn logits(&self, features: &[Tensor]) -> Result<Tensor> {
         if features.len() != self.heads.len() {
             candle_core::bail!(

@@ -25,7 +25,7 @@ pub use backbone::{
 };
 pub use conv_heads::{ConvHead, ConvHeadConfig, ConvHeadSet, HeadDims};
 pub use heads::{
-    DiscriminatorHeads, FeatureExtractor, HeadSet, LatentDiscriminator, PixelDiscriminator,
+    DiscriminatorHeads, FeatureExtractor, HeadSet, Heads, LatentDiscriminator, PixelDiscriminator,
     RandomFeatureMlp, VectorHead,
 };
 pub use toy_mlp::{ToyMlp, ToyMlpConfig};
