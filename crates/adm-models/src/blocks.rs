@@ -91,3 +91,27 @@ impl ResnetBlock2D {
         }
     }
 }
+
+/// diffusers' `FeedForward(activation_fn="gelu-approximate")` (SD3, CogVideoX): `net.0.proj`
+/// to 4 x dim, tanh GELU, `net.2` back.
+#[derive(Debug, Clone)]
+pub(crate) struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    pub(crate) fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        Ok(Self {
+            proj: linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
+            out: linear(4 * dim, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.out
+            .forward(&adm_nn::gelu_tanh(&self.proj.forward(xs)?)?)
+    }
+}

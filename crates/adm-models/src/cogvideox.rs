@@ -37,6 +37,7 @@ use candle_nn::{
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};
+use crate::blocks::FeedForward;
 use crate::unet_2d::{timestep_embedding, TimestepEmbedding, ENCODER_HIDDEN_STATES};
 
 /// diffusers' `CogVideoXTransformer3DModel` config.json; the defaults are diffusers' (which
@@ -596,29 +597,6 @@ impl Attention {
             .reshape((b, l, self.heads * self.head_dim))?;
         let out = self.to_out.forward(&out)?;
         Ok((out.narrow(1, lt, lv)?, out.narrow(1, 0, lt)?))
-    }
-}
-
-/// `FeedForward(activation_fn="gelu-approximate")`: `net.0.proj`, tanh GELU, `net.2`.
-#[derive(Debug, Clone)]
-struct FeedForward {
-    proj: Linear,
-    out: Linear,
-}
-
-impl FeedForward {
-    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
-        Ok(Self {
-            proj: linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
-            out: linear(4 * dim, dim, vb.pp("net.2"))?,
-        })
-    }
-}
-
-impl Module for FeedForward {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.out
-            .forward(&adm_nn::gelu_tanh(&self.proj.forward(xs)?)?)
     }
 }
 

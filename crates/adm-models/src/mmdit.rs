@@ -26,7 +26,7 @@ use candle_nn::{linear, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};
-use crate::blocks::conv;
+use crate::blocks::{conv, FeedForward};
 use crate::unet_2d::{timestep_embedding, TimestepEmbedding};
 
 /// diffusers' `SD3Transformer2DModel` config.json (defaults are diffusers' `__init__`
@@ -509,29 +509,6 @@ impl Attention {
             _ => None,
         };
         Ok((image, text))
-    }
-}
-
-/// `FeedForward` with `gelu-approximate`: `net.0.proj` to 4 x dim, tanh GELU, `net.2` back.
-#[derive(Debug, Clone)]
-struct FeedForward {
-    proj: Linear,
-    out: Linear,
-}
-
-impl FeedForward {
-    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
-        Ok(Self {
-            proj: linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
-            out: linear(4 * dim, dim, vb.pp("net.2"))?,
-        })
-    }
-}
-
-impl Module for FeedForward {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.out
-            .forward(&adm_nn::gelu_tanh(&self.proj.forward(xs)?)?)
     }
 }
 
