@@ -288,8 +288,9 @@ impl AdaLayerNorm {
 #[derive(Debug, Clone)]
 struct PatchEmbed {
     proj: Conv2d,
-    /// (max, max, dim), detached: a buffer in diffusers, never trained. It shares the storage
-    /// of the loaded tensor, so `load_into_varmap` reaches it.
+    /// (1, max * max, dim) as loaded, detached: a buffer in diffusers, never trained. It shares
+    /// the storage of the loaded tensor, so `load_into_varmap` reaches it; kept in the loaded
+    /// shape so that building allocates nothing on a dry-run VarBuilder.
     pos_embed: Tensor,
     max_size: usize,
     patch: usize,
@@ -311,7 +312,7 @@ impl PatchEmbed {
         )?;
         Ok(Self {
             proj: conv(vb.pp("proj"), cfg.in_channels, dim, patch, patch, 0)?,
-            pos_embed: pos_embed.detach().reshape((max_size, max_size, dim))?,
+            pos_embed: pos_embed.detach(),
             max_size,
             patch,
             dim,
@@ -332,6 +333,7 @@ impl PatchEmbed {
         let (top, left) = ((self.max_size - gh) / 2, (self.max_size - gw) / 2);
         let pos = self
             .pos_embed
+            .reshape((self.max_size, self.max_size, self.dim))?
             .narrow(0, top, gh)?
             .narrow(1, left, gw)?
             .reshape((1, gh * gw, self.dim))?;

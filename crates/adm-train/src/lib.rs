@@ -10,6 +10,7 @@ pub mod engine;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;
+pub mod recipe;
 pub mod score;
 pub mod student;
 pub mod teacher;

@@ -1,0 +1,771 @@
+//! Distillation recipes for real models (`job = "distill"`): the model family and its
+//! pretrained pipeline, precision, data-parallel world size, ADP's pixel discriminator, the
+//! data stores and an ordered list of stages, each an [`EngineConfig`].
+//!
+//! [`Recipe::dry_run`] builds every network of the recipe from the real model configurations
+//! on a VarBuilder that hands out zero-stride broadcasts (`adm_models::loading::
+//! expected_tensors`): nothing is allocated, and the parameter counts are exact.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use adm_models::conv_heads::{ConvHeadConfig, ConvHeadSet, HeadDims};
+use adm_models::loading::{expected_tensors, read_config, resolve_model};
+use adm_models::{clip, cogvideox, cogvideox_vae, mmdit, sam, t5, unet_2d, vae, FeatureTap};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Shape};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::parse_toml;
+use crate::engine::{EngineConfig, EngineMethod};
+
+/// The value of the top-level `job` key that selects a recipe.
+pub const JOB: &str = "distill";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Always `"distill"` (the key that tells recipes from other jobs' configs).
+    pub job: String,
+    /// Checkpoints, logs and samples of every stage, one folder per stage.
+    pub run_dir: PathBuf,
+    pub model: ModelSection,
+    pub parallel: ParallelSection,
+    /// ADP's pixel discriminator D_tau2 (needed by `adp` stages).
+    #[serde(default)]
+    pub pixel_discriminator: Option<PixelDiscriminatorSection>,
+    pub data: DataSection,
+    /// Run in order; each stage starts from the previous stage's generator.
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// SDXL base: UNet, VAE, CLIP-L and bigG text encoders.
+    Sdxl,
+    /// SD3 / SD3.5: MMDiT transformer, 16-channel VAE, CLIP-L, bigG, T5-XXL.
+    Sd3,
+    /// CogVideoX: 3D transformer, causal video VAE (decoder), T5-XXL.
+    Cogvideox,
+}
+
+/// The compute dtype; trainable networks keep f32 master weights whatever it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+
+    pub fn bytes(self) -> u64 {
+        self.dtype().size_in_bytes() as u64
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub family: Family,
+    /// A diffusers pipeline folder, or a hub repo id looked up in the local hub cache. When
+    /// neither holds it, the dry run uses the copies of the published configs in
+    /// configs/models/<repo name> (built into the binary).
+    pub pretrained: String,
+    pub precision: Precision,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    /// Data-parallel processes (one per GPU). Every GPU holds all weights; each stage's
+    /// `engine.batch_size` is the per-GPU micro-batch.
+    pub world_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelEncoder {
+    /// SAM's ViT image encoder (the paper's choice).
+    Sam,
+    /// DINOv2 (the paper's ablation); accepted here, not built yet.
+    Dinov2,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PixelDiscriminatorSection {
+    pub encoder: PixelEncoder,
+    /// SAM: `vit_b`, `vit_l` or `vit_h`.
+    pub variant: String,
+    /// A SamModel folder or hub id; default facebook/sam-vit-{base,large,huge}.
+    #[serde(default)]
+    pub pretrained: Option<String>,
+    /// Encoder blocks whose outputs the heads read.
+    pub layers: Vec<usize>,
+    pub heads: ConvHeadConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// The ODE-pair store (`adm-collect-ode-pairs`) that ADP trains on.
+    #[serde(default)]
+    pub ode_pairs: Option<PathBuf>,
+    /// Pre-encoded prompts (conditions) that ADM / DMD stages draw from.
+    #[serde(default)]
+    pub conditions: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub name: String,
+    pub engine: EngineConfig,
+}
+
+impl Recipe {
+    /// Parses `text` (the file at `origin`, for messages) with `key=value` overrides and
+    /// validates what needs no model config.
+    pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
+        let recipe: Self = parse_toml(text, origin, overrides)?;
+        recipe.validate().with_context(|| origin.to_string())?;
+        Ok(recipe)
+    }
+
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.job == JOB,
+            "config key `job` must be \"{JOB}\" for a recipe, got {:?}",
+            self.job
+        );
+        ensure!(
+            self.parallel.world_size > 0,
+            "config key `parallel.world_size` must be positive"
+        );
+        ensure!(
+            !self.stages.is_empty(),
+            "config key `stages` lists no stage"
+        );
+        for (i, stage) in self.stages.iter().enumerate() {
+            let key = format!("stages[{i}]");
+            ensure!(
+                !stage.name.is_empty() && self.stages[..i].iter().all(|s| s.name != stage.name),
+                "config key `{key}.name` must be non-empty and unique, got {:?}",
+                stage.name
+            );
+            stage
+                .engine
+                .validate()
+                .with_context(|| format!("config key `{key}.engine` (stage `{}`)", stage.name))?;
+            let wants_video = self.model.family == Family::Cogvideox;
+            ensure!(
+                (stage.engine.heads.dims == HeadDims::Video) == wants_video,
+                "config key `{key}.engine.heads.dims` must be \"{}\" for family {:?}",
+                if wants_video { "3d" } else { "2d" },
+                self.model.family
+            );
+            if matches!(stage.engine.method, EngineMethod::Adm | EngineMethod::Dmd) {
+                ensure!(
+                    self.data.conditions.is_some(),
+                    "config key `data.conditions` is needed by stage `{}` ({:?})",
+                    stage.name,
+                    stage.engine.method
+                );
+            }
+        }
+        if let Some(pixel) = &self.pixel_discriminator {
+            ensure!(
+                !pixel.layers.is_empty(),
+                "config key `pixel_discriminator.layers` lists no layer"
+            );
+            ensure!(
+                pixel.heads.dims == HeadDims::Image,
+                "config key `pixel_discriminator.heads.dims` must be \"2d\""
+            );
+            if pixel.encoder == PixelEncoder::Sam {
+                sam_variant(&pixel.variant)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds every network of the recipe without allocating weights (exact parameter
+    /// counts) and estimates each stage's memory per GPU.
+    pub fn dry_run(&self) -> Result<DryRun> {
+        let configs = ModelConfigs::resolve(&self.model.pretrained)?;
+        let parts = FamilyParts::build(self.model.family, &configs)?;
+        let mut run = DryRun {
+            family: self.model.family,
+            precision: self.model.precision,
+            world_size: self.parallel.world_size,
+            config_source: configs.describe(),
+            networks: Vec::new(),
+            stages: Vec::new(),
+        };
+        // Prompts are encoded into the condition store before training: never resident.
+        for encoder in parts.text_encoders {
+            run.add(encoder);
+        }
+        let backbone = &parts.backbone;
+        let teacher = run.add(backbone.network("teacher", Role::Frozen));
+        // Generator and fake score start from the teacher's weights: same architecture.
+        let generator = run.add(backbone.network("generator", Role::Trainable));
+        run.add(parts.vae);
+        if let Some(pixel) = &self.pixel_discriminator {
+            for network in pixel_networks(pixel)? {
+                run.add(network);
+            }
+        }
+        let mut fake_score = None;
+        for (i, stage) in self.stages.iter().enumerate() {
+            let engine = &stage.engine;
+            backbone.check_latent_shape(&engine.latent_shape, i)?;
+            let mut resident = vec![teacher, generator];
+            if matches!(engine.method, EngineMethod::Adm | EngineMethod::Dmd) {
+                if fake_score.is_none() {
+                    fake_score = Some(run.add(backbone.network("fake_score", Role::Trainable)));
+                }
+                resident.extend(fake_score);
+            }
+            if engine.method == EngineMethod::Adm {
+                let channels = backbone.tap_channels(&engine.taps, i)?;
+                let params = count(|vb| ConvHeadSet::new(&channels, &engine.heads, vb))
+                    .with_context(|| format!("config key `stages[{i}].engine.heads`"))?;
+                resident.push(run.add(Network {
+                    name: format!("{}.latent_heads", stage.name),
+                    class: format!("{} conv heads on the teacher", channels.len()),
+                    role: Role::Trainable,
+                    params,
+                }));
+            }
+            run.stages.push(StageEstimate {
+                name: stage.name.clone(),
+                method: engine.method,
+                resident,
+                micro_batch: engine.batch_size,
+                grad_accumulation: engine.grad_accumulation,
+            });
+        }
+        Ok(run)
+    }
+}
+
+/// Peeks at the top-level `job` key of a TOML document (absent: `None`).
+pub fn job_of(text: &str, origin: &str) -> Result<Option<String>> {
+    let table: toml::Table =
+        toml::from_str(text).with_context(|| format!("{origin} is not valid TOML"))?;
+    match table.get("job") {
+        None => Ok(None),
+        Some(toml::Value::String(job)) => Ok(Some(job.clone())),
+        Some(other) => bail!("{origin}: config key `job` must be a string, got {other}"),
+    }
+}
+
+/// The parameter count of whatever `build` constructs, from the tensors it asks for (each
+/// name once), without allocating them.
+pub fn count<M>(build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>) -> Result<u64> {
+    let tensors = expected_tensors(build)?;
+    let unique: BTreeMap<String, Shape> = tensors.into_iter().collect();
+    Ok(unique.values().map(|s| s.elem_count() as u64).sum())
+}
+
+/// The published configs this crate carries (configs/models/<repo>/<component>/config.json),
+/// for hub ids that are not in the local hub cache. Verified by scripts/count_recipe_params.py.
+macro_rules! built_in {
+    ($($repo:literal / $component:literal),* $(,)?) => {
+        &[$(($repo, $component, include_str!(concat!(
+            "../../../configs/models/", $repo, "/", $component, "/config.json"
+        )))),*]
+    };
+}
+
+const BUILT_IN: &[(&str, &str, &str)] = built_in![
+    "stable-diffusion-xl-base-1.0" / "unet",
+    "stable-diffusion-xl-base-1.0" / "vae",
+    "stable-diffusion-xl-base-1.0" / "text_encoder",
+    "stable-diffusion-xl-base-1.0" / "text_encoder_2",
+    "stable-diffusion-3-medium-diffusers" / "transformer",
+    "stable-diffusion-3-medium-diffusers" / "vae",
+    "stable-diffusion-3-medium-diffusers" / "text_encoder",
+    "stable-diffusion-3-medium-diffusers" / "text_encoder_2",
+    "stable-diffusion-3-medium-diffusers" / "text_encoder_3",
+    "stable-diffusion-3.5-large" / "transformer",
+    "stable-diffusion-3.5-large" / "vae",
+    "stable-diffusion-3.5-large" / "text_encoder",
+    "stable-diffusion-3.5-large" / "text_encoder_2",
+    "stable-diffusion-3.5-large" / "text_encoder_3",
+    "CogVideoX-2b" / "transformer",
+    "CogVideoX-2b" / "vae",
+    "CogVideoX-2b" / "text_encoder",
+    "CogVideoX-5b" / "transformer",
+    "CogVideoX-5b" / "vae",
+    "CogVideoX-5b" / "text_encoder",
+    "sam-vit-base" / "vision_config",
+    "sam-vit-large" / "vision_config",
+    "sam-vit-huge" / "vision_config",
+];
+
+/// Where a model's component configs come from.
+enum ModelConfigs {
+    /// A pipeline folder (local, or a hub-cache snapshot): read as real runs read it.
+    Folder(PathBuf),
+    /// A hub id absent from the hub cache whose repo name has a built-in copy.
+    BuiltIn(String),
+}
+
+impl ModelConfigs {
+    fn resolve(pretrained: &str) -> Result<Self> {
+        match resolve_model(pretrained, None) {
+            Ok(dir) => Ok(Self::Folder(dir)),
+            Err(e) => {
+                // Only hub ids (`org/name`) fall back; a missing folder stays an error.
+                let repo = match pretrained.split_once('/') {
+                    Some((org, name))
+                        if !org.is_empty() && !org.starts_with('.') && !name.contains('/') =>
+                    {
+                        Some(name)
+                    }
+                    _ => None,
+                };
+                match repo.filter(|r| BUILT_IN.iter().any(|(b, _, _)| b == r)) {
+                    Some(repo) => Ok(Self::BuiltIn(repo.to_string())),
+                    None => Err(anyhow::Error::from(e).context(format!(
+                        "config key `model.pretrained` ({pretrained}): no local folder, no \
+                         hub-cache snapshot and no built-in config"
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, component: &str) -> Result<T> {
+        match self {
+            Self::Folder(dir) => Ok(read_config(&dir.join(component))?),
+            Self::BuiltIn(repo) => {
+                let text = BUILT_IN
+                    .iter()
+                    .find(|(r, c, _)| r == repo && *c == component)
+                    .map(|(_, _, text)| *text)
+                    .with_context(|| format!("no built-in config for {repo}/{component}"))?;
+                serde_json::from_str(text)
+                    .with_context(|| format!("built-in config {repo}/{component}"))
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Folder(dir) => dir.display().to_string(),
+            Self::BuiltIn(repo) => format!("configs/models/{repo} (built in)"),
+        }
+    }
+}
+
+/// The diffusion backbone of a family: its class, parameter count and feature taps.
+struct BackboneInfo {
+    class: &'static str,
+    params: u64,
+    taps: Vec<FeatureTap>,
+    in_channels: usize,
+    /// Where the channel axis sits in one latent (CogVideoX is frames-first: (F, C, H, W)).
+    channel_axis: usize,
+    rank: usize,
+}
+
+impl BackboneInfo {
+    fn network(&self, name: &str, role: Role) -> Network {
+        Network {
+            name: name.into(),
+            class: self.class.into(),
+            role,
+            params: self.params,
+        }
+    }
+
+    fn check_latent_shape(&self, shape: &[usize], stage: usize) -> Result<()> {
+        ensure!(
+            shape.len() == self.rank && shape[self.channel_axis] == self.in_channels,
+            "config key `stages[{stage}].engine.latent_shape`: {shape:?} does not fit {} \
+             ({} dims with {} channels at position {})",
+            self.class,
+            self.rank,
+            self.in_channels,
+            self.channel_axis
+        );
+        Ok(())
+    }
+
+    fn tap_channels(&self, taps: &[String], stage: usize) -> Result<Vec<usize>> {
+        taps.iter()
+            .map(|tap| {
+                self.taps
+                    .iter()
+                    .find(|t| &t.name == tap)
+                    .map(|t| t.channels)
+                    .with_context(|| {
+                        let names: Vec<&str> = self.taps.iter().map(|t| t.name.as_str()).collect();
+                        format!(
+                            "config key `stages[{stage}].engine.taps`: `{tap}` is not a tap of {} \
+                             (taps: {})",
+                            self.class,
+                            names.join(", ")
+                        )
+                    })
+            })
+            .collect()
+    }
+}
+
+/// Every network of a model family, counted.
+struct FamilyParts {
+    backbone: BackboneInfo,
+    vae: Network,
+    text_encoders: Vec<Network>,
+}
+
+impl FamilyParts {
+    fn build(family: Family, configs: &ModelConfigs) -> Result<Self> {
+        let frozen = |name: &str, class: &str, params: u64| Network {
+            name: name.into(),
+            class: class.into(),
+            role: Role::Frozen,
+            params,
+        };
+        let clip = |component: &str| -> Result<Network> {
+            let cfg: clip::Config = configs.get(component)?;
+            let params = count(|vb| clip::ClipTextModel::new(vb, &cfg))
+                .with_context(|| format!("{component} (CLIP)"))?;
+            let class = if cfg.has_projection() {
+                "CLIPTextModelWithProjection"
+            } else {
+                "CLIPTextModel"
+            };
+            Ok(frozen(component, class, params))
+        };
+        let t5 = |component: &str| -> Result<Network> {
+            let cfg: t5::Config = configs.get(component)?;
+            let params = count(|vb| t5::T5EncoderModel::new(vb, &cfg))
+                .with_context(|| format!("{component} (T5)"))?;
+            Ok(frozen(component, "T5EncoderModel", params))
+        };
+        let image_vae = || -> Result<Network> {
+            let cfg: vae::Config = configs.get("vae")?;
+            let params = count(|vb| vae::AutoencoderKL::new(vb, &cfg)).context("vae")?;
+            Ok(frozen("vae", "AutoencoderKL", params))
+        };
+        Ok(match family {
+            Family::Sdxl => {
+                let cfg: unet_2d::Config = configs.get("unet")?;
+                let params =
+                    count(|vb| unet_2d::UNet2DConditionModel::new(vb, &cfg)).context("unet")?;
+                Self {
+                    backbone: BackboneInfo {
+                        class: "UNet2DConditionModel",
+                        params,
+                        taps: cfg.feature_taps(),
+                        in_channels: cfg.in_channels,
+                        channel_axis: 0,
+                        rank: 3,
+                    },
+                    vae: image_vae()?,
+                    text_encoders: vec![clip("text_encoder")?, clip("text_encoder_2")?],
+                }
+            }
+            Family::Sd3 => {
+                let cfg: mmdit::Config = configs.get("transformer")?;
+                let params = count(|vb| mmdit::SD3Transformer2DModel::new(vb, &cfg))
+                    .context("transformer")?;
+                Self {
+                    backbone: BackboneInfo {
+                        class: "SD3Transformer2DModel",
+                        params,
+                        taps: cfg.feature_taps(),
+                        in_channels: cfg.in_channels,
+                        channel_axis: 0,
+                        rank: 3,
+                    },
+                    vae: image_vae()?,
+                    text_encoders: vec![
+                        clip("text_encoder")?,
+                        clip("text_encoder_2")?,
+                        t5("text_encoder_3")?,
+                    ],
+                }
+            }
+            Family::Cogvideox => {
+                let cfg: cogvideox::Config = configs.get("transformer")?;
+                let params = count(|vb| cogvideox::CogVideoXTransformer3DModel::new(vb, &cfg))
+                    .context("transformer")?;
+                let vae_cfg: cogvideox_vae::Config = configs.get("vae")?;
+                let vae_params =
+                    count(|vb| cogvideox_vae::AutoencoderKLCogVideoX::new(vb, &vae_cfg))
+                        .context("vae")?;
+                Self {
+                    backbone: BackboneInfo {
+                        class: "CogVideoXTransformer3DModel",
+                        params,
+                        taps: cfg.feature_taps(),
+                        in_channels: cfg.in_channels,
+                        channel_axis: 1,
+                        rank: 4,
+                    },
+                    vae: frozen("vae", "AutoencoderKLCogVideoX (decoder)", vae_params),
+                    text_encoders: vec![t5("text_encoder")?],
+                }
+            }
+        })
+    }
+}
+
+/// `vit_b` / `vit_l` / `vit_h` to the SamModel repo name.
+fn sam_variant(variant: &str) -> Result<&'static str> {
+    match variant {
+        "vit_b" => Ok("sam-vit-base"),
+        "vit_l" => Ok("sam-vit-large"),
+        "vit_h" => Ok("sam-vit-huge"),
+        other => bail!(
+            "config key `pixel_discriminator.variant`: SAM has vit_b, vit_l and vit_h, got {other:?}"
+        ),
+    }
+}
+
+/// SAM's vision config for the section: from its `pretrained` folder (a SamModel
+/// config.json) when it resolves, otherwise the built-in copy of the variant's.
+fn sam_config(pixel: &PixelDiscriminatorSection) -> Result<sam::Config> {
+    let repo = sam_variant(&pixel.variant)?;
+    let id = pixel
+        .pretrained
+        .clone()
+        .unwrap_or_else(|| format!("facebook/{repo}"));
+    match ModelConfigs::resolve(&id)? {
+        ModelConfigs::Folder(dir) => Ok(sam::Config::from_json(&dir.join("config.json"))?),
+        built_in @ ModelConfigs::BuiltIn(_) => built_in.get("vision_config"),
+    }
+}
+
+/// The pixel encoder (frozen) and its heads (trainable).
+fn pixel_networks(pixel: &PixelDiscriminatorSection) -> Result<[Network; 2]> {
+    if pixel.encoder == PixelEncoder::Dinov2 {
+        bail!("config key `pixel_discriminator.encoder`: the DINOv2 encoder is not built yet (use \"sam\")");
+    }
+    let cfg = sam_config(pixel)?;
+    let mut encoder = None;
+    let encoder_params = count(|vb| {
+        encoder = Some(Arc::new(sam::SamVisionEncoder::new(vb, &cfg)?));
+        Ok(())
+    })
+    .context("pixel_discriminator: SAM encoder")?;
+    let encoder = encoder.expect("built when counted");
+    let head_params =
+        count(|vb| sam::pixel_discriminator(encoder, &pixel.layers, &pixel.heads, vb))
+            .context("config key `pixel_discriminator.layers` / `heads`")?;
+    Ok([
+        Network {
+            name: "pixel_encoder".into(),
+            class: format!("SamVisionEncoder ({})", pixel.variant),
+            role: Role::Frozen,
+            params: encoder_params,
+        },
+        Network {
+            name: "pixel_heads".into(),
+            class: format!("{} conv heads on SAM", pixel.layers.len()),
+            role: Role::Trainable,
+            params: head_params,
+        },
+    ])
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Weights at the compute precision, no gradient.
+    Frozen,
+    /// f32 master weights, a compute-precision copy, f32 gradients and AdamW's two f32
+    /// moments.
+    Trainable,
+}
+
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub name: String,
+    pub class: String,
+    pub role: Role,
+    /// Exact parameter count.
+    pub params: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageEstimate {
+    pub name: String,
+    pub method: EngineMethod,
+    /// Indices into [`DryRun::networks`] of the networks the stage holds on every GPU.
+    pub resident: Vec<usize>,
+    pub micro_batch: usize,
+    pub grad_accumulation: usize,
+}
+
+/// What [`Recipe::dry_run`] found; `Display` prints the table.
+#[derive(Debug, Clone)]
+pub struct DryRun {
+    pub family: Family,
+    pub precision: Precision,
+    pub world_size: usize,
+    pub config_source: String,
+    pub networks: Vec<Network>,
+    pub stages: Vec<StageEstimate>,
+}
+
+/// Bytes per parameter of each part of the estimate.
+const F32: u64 = 4;
+const ADAMW_MOMENTS: u64 = 2 * F32;
+
+impl DryRun {
+    fn add(&mut self, network: Network) -> usize {
+        self.networks.push(network);
+        self.networks.len() - 1
+    }
+
+    pub fn network(&self, name: &str) -> Option<&Network> {
+        self.networks.iter().find(|n| n.name == name)
+    }
+
+    /// Bytes per parameter of a trainable network beyond its f32 master weights: the compute
+    /// copy (none in f32), f32 gradients and AdamW's moments.
+    fn trainable_extra(&self) -> u64 {
+        let copy = match self.precision {
+            Precision::F32 => 0,
+            p => p.bytes(),
+        };
+        copy + F32 + ADAMW_MOMENTS
+    }
+
+    /// The weight bytes a network holds: frozen at the compute precision, trainable as f32
+    /// master weights.
+    pub fn weight_bytes(&self, network: &Network) -> u64 {
+        match network.role {
+            Role::Frozen => network.params * self.precision.bytes(),
+            Role::Trainable => network.params * F32,
+        }
+    }
+
+    /// (frozen weights, trainable weights + copies + gradients + moments, EMA) bytes per GPU.
+    pub fn stage_bytes(&self, stage: &StageEstimate) -> (u64, u64, u64) {
+        let (mut frozen, mut trainable) = (0, 0);
+        for &i in &stage.resident {
+            let network = &self.networks[i];
+            match network.role {
+                Role::Frozen => frozen += self.weight_bytes(network),
+                Role::Trainable => trainable += network.params * (F32 + self.trainable_extra()),
+            }
+        }
+        // The engine always keeps an EMA of the generator (ema_decay only weighs it).
+        let ema = self.network("generator").map_or(0, |g| g.params * F32);
+        (frozen, trainable, ema)
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+impl fmt::Display for DryRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let precision = format!("{:?}", self.precision).to_lowercase();
+        writeln!(
+            f,
+            "dry run: family {:?}, configs from {}, compute precision {precision}, world size {}",
+            self.family, self.config_source, self.world_size
+        )?;
+        writeln!(
+            f,
+            "{:<22} {:<34} {:<9} {:>14} {:>11}  stages",
+            "network", "class", "role", "parameters", "weights"
+        )?;
+        for (i, network) in self.networks.iter().enumerate() {
+            let stages: Vec<&str> = self
+                .stages
+                .iter()
+                .filter(|s| s.resident.contains(&i))
+                .map(|s| s.name.as_str())
+                .collect();
+            let stages = if stages.is_empty() {
+                "- (not resident while training)".to_string()
+            } else {
+                stages.join(", ")
+            };
+            let role = match network.role {
+                Role::Frozen => "frozen",
+                Role::Trainable => "trainable",
+            };
+            writeln!(
+                f,
+                "{:<22} {:<34} {:<9} {:>14} {:>11}  {stages}",
+                network.name,
+                network.class,
+                role,
+                network.params,
+                gib(self.weight_bytes(network))
+            )?;
+        }
+        writeln!(
+            f,
+            "\nEstimated memory per GPU: weights and optimiser state only, ACTIVATIONS NOT INCLUDED."
+        )?;
+        writeln!(
+            f,
+            "Frozen networks at {precision}; trainable ones as f32 master weights + {} + f32 \
+             gradients + AdamW moments (2 x f32) = {} bytes/parameter; EMA of the generator in f32.",
+            if self.precision == Precision::F32 {
+                "no copy".to_string()
+            } else {
+                format!("{precision} compute copy")
+            },
+            F32 + self.trainable_extra()
+        )?;
+        writeln!(
+            f,
+            "Data parallel: every GPU holds all weights (replicated), so the figure does not \
+             shrink with the world size; each GPU runs the micro-batch, the global batch is \
+             micro-batch x grad_accumulation x world size."
+        )?;
+        for stage in &self.stages {
+            let (frozen, trainable, ema) = self.stage_bytes(stage);
+            writeln!(
+                f,
+                "stage {} ({}): micro-batch {} per GPU, global batch {} x {} x {} = {}: frozen {}, \
+                 trainable {}, EMA {}, total {}",
+                stage.name,
+                format!("{:?}", stage.method).to_lowercase(),
+                stage.micro_batch,
+                stage.micro_batch,
+                stage.grad_accumulation,
+                self.world_size,
+                stage.micro_batch * stage.grad_accumulation * self.world_size,
+                gib(frozen),
+                gib(trainable),
+                gib(ema),
+                gib(frozen + trainable + ema)
+            )?;
+        }
+        Ok(())
+    }
+}
