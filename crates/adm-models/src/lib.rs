@@ -3,6 +3,7 @@
 
 pub mod backbone;
 mod blocks;
+pub mod cast;
 pub mod clip;
 pub mod cogvideox;
 pub mod cogvideox_vae;
@@ -24,6 +25,7 @@ pub mod weights;
 pub use backbone::{
     guided_prediction, guided_x0_eps, predict_x0_eps, Backbone, Condition, FeatureTap,
 };
+pub use cast::InDtype;
 pub use conv_heads::{ConvHead, ConvHeadConfig, ConvHeadSet, HeadDims};
 pub use decoder::{Decoder, IdentityDecoder};
 pub use heads::{

@@ -12,6 +12,7 @@ pub mod optim;
 pub mod pairs;
 pub mod pipeline;
 pub mod recipe;
+pub mod recipe_run;
 pub mod score;
 pub mod student;
 pub mod teacher;

@@ -128,6 +128,10 @@ pub struct DataSection {
     /// Pre-encoded prompts (conditions) that ADM / DMD stages draw from.
     #[serde(default)]
     pub conditions: Option<PathBuf>,
+    /// The negative prompt of the teacher's classifier-free guidance in ADM / DMD stages
+    /// (none: the pipeline's empty-prompt rule, as `adm-collect-ode-pairs` applies it).
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -538,7 +542,7 @@ impl FamilyParts {
 }
 
 /// `vit_b` / `vit_l` / `vit_h` to the SamModel repo name.
-fn sam_variant(variant: &str) -> Result<&'static str> {
+pub(crate) fn sam_variant(variant: &str) -> Result<&'static str> {
     match variant {
         "vit_b" => Ok("sam-vit-base"),
         "vit_l" => Ok("sam-vit-large"),
