@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use adm_models::conv_heads::{ConvHeadConfig, ConvHeadSet, HeadDims};
+use adm_models::conv_heads::{ConvHeadSet, HeadDims};
 use adm_models::loading::{expected_tensors, read_config, resolve_model};
 use adm_models::{clip, cogvideox, cogvideox_vae, mmdit, sam, t5, unet_2d, vae, FeatureTap};
 use anyhow::{bail, ensure, Context, Result};
@@ -35,7 +35,8 @@ pub struct Recipe {
     pub run_dir: PathBuf,
     pub model: ModelSection,
     pub parallel: ParallelSection,
-    /// ADP's pixel discriminator D_tau2 (needed by `adp` stages).
+    /// ADP's pixel encoder (needed by `adp` stages with `adp.lambda_pixel > 0`; the layers it
+    /// is read at and the heads are the stage's `engine.adp.pixel_layers` / `pixel_heads`).
     #[serde(default)]
     pub pixel_discriminator: Option<PixelDiscriminatorSection>,
     pub data: DataSection,
@@ -114,9 +115,6 @@ pub struct PixelDiscriminatorSection {
     /// A SamModel folder or hub id; default facebook/sam-vit-{base,large,huge}.
     #[serde(default)]
     pub pretrained: Option<String>,
-    /// Encoder blocks whose outputs the heads read.
-    pub layers: Vec<usize>,
-    pub heads: ConvHeadConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -188,24 +186,26 @@ impl Recipe {
                 if wants_video { "3d" } else { "2d" },
                 self.model.family
             );
-            if matches!(stage.engine.method, EngineMethod::Adm | EngineMethod::Dmd) {
-                ensure!(
-                    self.data.conditions.is_some(),
-                    "config key `data.conditions` is needed by stage `{}` ({:?})",
-                    stage.name,
-                    stage.engine.method
-                );
-            }
+            let method = stage.engine.method;
+            let (key, store) = if method.uses_pairs() {
+                ("data.ode_pairs", &self.data.ode_pairs)
+            } else {
+                ("data.conditions", &self.data.conditions)
+            };
+            ensure!(
+                store.is_some(),
+                "config key `{key}` is needed by stage `{}` ({})",
+                stage.name,
+                method.name()
+            );
+            ensure!(
+                !uses_pixel(&stage.engine) || self.pixel_discriminator.is_some(),
+                "config section `pixel_discriminator` is needed by stage `{}` (adp with \
+                 lambda_pixel > 0)",
+                stage.name
+            );
         }
         if let Some(pixel) = &self.pixel_discriminator {
-            ensure!(
-                !pixel.layers.is_empty(),
-                "config key `pixel_discriminator.layers` lists no layer"
-            );
-            ensure!(
-                pixel.heads.dims == HeadDims::Image,
-                "config key `pixel_discriminator.heads.dims` must be \"2d\""
-            );
             if pixel.encoder == PixelEncoder::Sam {
                 sam_variant(&pixel.variant)?;
             }
@@ -234,30 +234,53 @@ impl Recipe {
         let teacher = run.add(backbone.network("teacher", Role::Frozen));
         // Generator and fake score start from the teacher's weights: same architecture.
         let generator = run.add(backbone.network("generator", Role::Trainable));
-        run.add(parts.vae);
-        if let Some(pixel) = &self.pixel_discriminator {
-            for network in pixel_networks(pixel)? {
-                run.add(network);
-            }
-        }
+        let vae = run.add(parts.vae);
+        let mut pixel_encoder = None;
         let mut fake_score = None;
         for (i, stage) in self.stages.iter().enumerate() {
             let engine = &stage.engine;
             backbone.check_latent_shape(&engine.latent_shape, i)?;
             let mut resident = vec![teacher, generator];
-            if matches!(engine.method, EngineMethod::Adm | EngineMethod::Dmd) {
+            if engine.method.uses_fake_score() {
                 if fake_score.is_none() {
                     fake_score = Some(run.add(backbone.network("fake_score", Role::Trainable)));
                 }
                 resident.extend(fake_score);
             }
-            if engine.method == EngineMethod::Adm {
+            let latent_heads = match engine.method {
+                EngineMethod::Adm => true,
+                EngineMethod::Adp => engine.adp.lambda_latent > 0.0,
+                EngineMethod::Dmd | EngineMethod::Mse => false,
+            };
+            if latent_heads {
                 let channels = backbone.tap_channels(&engine.taps, i)?;
                 let params = count(|vb| ConvHeadSet::new(&channels, &engine.heads, vb))
                     .with_context(|| format!("config key `stages[{i}].engine.heads`"))?;
                 resident.push(run.add(Network {
                     name: format!("{}.latent_heads", stage.name),
                     class: format!("{} conv heads on the teacher", channels.len()),
+                    role: Role::Trainable,
+                    params,
+                }));
+            }
+            if uses_pixel(engine) {
+                let section = self.pixel_discriminator.as_ref().expect("validated");
+                if pixel_encoder.is_none() {
+                    let (network, encoder) = sam_encoder(section)?;
+                    pixel_encoder = Some((run.add(network), encoder));
+                }
+                let (index, encoder) = pixel_encoder.clone().expect("just built");
+                let heads = engine.adp.pixel_heads.as_ref().unwrap_or(&engine.heads);
+                let params = count(|vb| {
+                    sam::pixel_discriminator(encoder, &engine.adp.pixel_layers, heads, vb)
+                })
+                .with_context(|| {
+                    format!("config key `stages[{i}].engine.adp.pixel_layers` / `pixel_heads`")
+                })?;
+                resident.extend([vae, index]);
+                resident.push(run.add(Network {
+                    name: format!("{}.pixel_heads", stage.name),
+                    class: format!("{} conv heads on SAM", engine.adp.pixel_layers.len()),
                     role: Role::Trainable,
                     params,
                 }));
@@ -567,36 +590,31 @@ fn sam_config(pixel: &PixelDiscriminatorSection) -> Result<sam::Config> {
     }
 }
 
-/// The pixel encoder (frozen) and its heads (trainable).
-fn pixel_networks(pixel: &PixelDiscriminatorSection) -> Result<[Network; 2]> {
+/// Whether an engine stage runs ADP's pixel discriminator.
+fn uses_pixel(engine: &EngineConfig) -> bool {
+    engine.method == EngineMethod::Adp && engine.adp.lambda_pixel > 0.0
+}
+
+/// The frozen pixel encoder, counted, and the encoder (over broadcast tensors) its heads are
+/// built on.
+fn sam_encoder(pixel: &PixelDiscriminatorSection) -> Result<(Network, Arc<sam::SamVisionEncoder>)> {
     if pixel.encoder == PixelEncoder::Dinov2 {
         bail!("config key `pixel_discriminator.encoder`: the DINOv2 encoder is not built yet (use \"sam\")");
     }
     let cfg = sam_config(pixel)?;
     let mut encoder = None;
-    let encoder_params = count(|vb| {
+    let params = count(|vb| {
         encoder = Some(Arc::new(sam::SamVisionEncoder::new(vb, &cfg)?));
         Ok(())
     })
     .context("pixel_discriminator: SAM encoder")?;
-    let encoder = encoder.expect("built when counted");
-    let head_params =
-        count(|vb| sam::pixel_discriminator(encoder, &pixel.layers, &pixel.heads, vb))
-            .context("config key `pixel_discriminator.layers` / `heads`")?;
-    Ok([
-        Network {
-            name: "pixel_encoder".into(),
-            class: format!("SamVisionEncoder ({})", pixel.variant),
-            role: Role::Frozen,
-            params: encoder_params,
-        },
-        Network {
-            name: "pixel_heads".into(),
-            class: format!("{} conv heads on SAM", pixel.layers.len()),
-            role: Role::Trainable,
-            params: head_params,
-        },
-    ])
+    let network = Network {
+        name: "pixel_encoder".into(),
+        class: format!("SamVisionEncoder ({})", pixel.variant),
+        role: Role::Frozen,
+        params,
+    };
+    Ok((network, encoder.expect("built when counted")))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -771,5 +789,36 @@ impl fmt::Display for DryRun {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_sam_configs_are_the_presets() {
+        for (variant, preset) in [
+            ("vit_b", sam::Config::vit_b()),
+            ("vit_l", sam::Config::vit_l()),
+            ("vit_h", sam::Config::vit_h()),
+        ] {
+            let repo = sam_variant(variant).unwrap();
+            let cfg: sam::Config = ModelConfigs::BuiltIn(repo.into())
+                .get("vision_config")
+                .unwrap();
+            assert_eq!(cfg, preset, "{variant}");
+        }
+    }
+
+    #[test]
+    fn job_is_peeked_without_parsing_the_rest() {
+        assert_eq!(
+            job_of("job = \"distill\"\nx = 1", "t").unwrap().as_deref(),
+            Some(JOB)
+        );
+        assert_eq!(job_of("seed = 0", "t").unwrap(), None);
+        let err = job_of("job = 3", "t").unwrap_err();
+        assert!(format!("{err:#}").contains("`job`"));
     }
 }
