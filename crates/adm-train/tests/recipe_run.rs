@@ -3,6 +3,10 @@
 //! `recipe_run::run`: ADP (latent + SAM-on-decoded-images discriminators), a hand-off stage,
 //! then ADM with the teacher's CFG on the encoded negative prompt.
 
+#[allow(dead_code)] // the constants serve the other including tests
+#[path = "../../adm-models/tests/common/sdxl_pipeline.rs"]
+mod sdxl_pipeline;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -28,25 +32,10 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../adm-models/tests/fixtures")
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
-}
-
-/// The tiny SDXL pipeline with the tiny SDXL VAE (2x: 16x16 latents decode to 32x32
+/// The tiny SDXL pipeline (fixture UNet, text encoders, tokenizers) with the tiny SDXL VAE (2x: 16x16 latents decode to 32x32
 /// images, SAM's input size) added as its `vae` component; and the tiny SAM folder.
 fn model_folders(root: &Path) -> Result<(PathBuf, PathBuf)> {
-    let pipeline = root.join("pipeline");
-    copy_dir(&fixtures().join("sdxl/pipeline_tiny"), &pipeline)?;
+    let pipeline = sdxl_pipeline::assemble(&fixtures(), &root.join("pipeline"));
     let vae = pipeline.join("vae");
     std::fs::create_dir_all(&vae)?;
     for file in ["config.json", "diffusion_pytorch_model.safetensors"] {
