@@ -55,13 +55,13 @@ fn main() -> Result<()> {
         }
         Some(adm_train::recipe::JOB) => {
             let recipe = adm_train::recipe::Recipe::parse(&text, &origin, &args.overrides)?;
-            if !args.dry_run {
-                bail!(
-                    "{origin}: training a recipe on real weights is not wired into adm-train yet; \
-                     `--dry-run` builds its networks and estimates memory"
-                );
+            if args.dry_run {
+                print!("{}", recipe.dry_run()?);
+            } else {
+                for dir in recipe.train()? {
+                    println!("trained {}", dir.display());
+                }
             }
-            print!("{}", recipe.dry_run()?);
         }
         Some(other) => bail!(
             "{origin}: config key `job`: unknown job {other:?} (expected \"{}\", or no `job` \

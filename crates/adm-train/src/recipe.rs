@@ -6,22 +6,27 @@
 //! on a VarBuilder that hands out zero-stride broadcasts (`adm_models::loading::
 //! expected_tensors`): nothing is allocated, and the parameter counts are exact.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use adm_data::store::StoreReader;
+use adm_diffusion::{Schedule, ScheduleConfig};
 use adm_models::conv_heads::{ConvHeadSet, HeadDims};
-use adm_models::loading::{expected_tensors, read_config, resolve_model};
+use adm_models::loading::{expected_tensors, load_model, read_config, resolve_model, Weights};
+use adm_models::unet_2d::UNetBackbone;
 use adm_models::{clip, cogvideox, cogvideox_vae, mmdit, sam, t5, unet_2d, vae, FeatureTap};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Shape};
+use candle_core::{DType, Device, Shape};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::parse_toml;
-use crate::engine::{EngineConfig, EngineMethod};
+use crate::engine::{Engine, EngineConfig, EngineMethod, EngineNets};
+use crate::pairs::PairSource;
+use crate::student::Trainable;
 
 /// The value of the top-level `job` key that selects a recipe.
 pub const JOB: &str = "distill";
@@ -290,6 +295,92 @@ impl Recipe {
             });
         }
         Ok(run)
+    }
+}
+
+impl Recipe {
+    /// Trains the stages in order on the CPU, each starting from the previous stage's
+    /// generator (the first from the teacher), each in `run_dir/<stage name>` and resumed from
+    /// its latest checkpoint there. Wired so far: the SDXL family, `adm` and `dmd` stages,
+    /// conditions read from `data.conditions` (an ODE-pair store: its stored conditions).
+    /// Returns the stages' run folders.
+    pub fn train(&self) -> Result<Vec<PathBuf>> {
+        ensure!(
+            self.model.family == Family::Sdxl,
+            "config key `model.family`: training is wired for sdxl only so far ({:?} has \
+             --dry-run)",
+            self.model.family
+        );
+        for (i, stage) in self.stages.iter().enumerate() {
+            ensure!(
+                stage.engine.method.uses_fake_score(),
+                "config key `stages[{i}].engine.method`: training {} stages from a recipe is \
+                 not wired yet (adm and dmd are; --dry-run covers every method)",
+                stage.engine.method.name()
+            );
+        }
+        let device = Device::Cpu;
+        let dir =
+            resolve_model(&self.model.pretrained, None).context("config key `model.pretrained`")?;
+        let unet_dir = dir.join("unet");
+        let cfg: unet_2d::Config = read_config(&unet_dir)?;
+        let schedule = Schedule::new(&ScheduleConfig::sdxl())?;
+        let build = |vb: VarBuilder<'static>| -> candle_core::Result<UNetBackbone> {
+            Ok(UNetBackbone::new(
+                unet_2d::UNet2DConditionModel::new(vb, &cfg)?,
+                schedule.clone(),
+            ))
+        };
+        let teacher = Arc::new(load_model(
+            &unet_dir,
+            None,
+            self.model.precision.dtype(),
+            &device,
+            &[],
+            build,
+        )?);
+        // f32 master weights of the trainable copies.
+        let weights = Weights::open(&unet_dir, None)?;
+        let teacher_weights = weights
+            .names()
+            .into_iter()
+            .map(|name| {
+                let t = weights.load(&name, None, &device)?.to_dtype(DType::F32)?;
+                Ok((name, t))
+            })
+            .collect::<Result<HashMap<_, _>>>()?;
+        let store = self.data.conditions.as_ref().expect("validated");
+        let reader = Arc::new(
+            StoreReader::open(store)
+                .with_context(|| format!("config key `data.conditions` ({})", store.display()))?,
+        );
+        let mut init = teacher_weights.clone();
+        let mut dirs = Vec::new();
+        for stage in &self.stages {
+            let seed = stage.engine.seed;
+            let nets = EngineNets {
+                teacher: teacher.clone(),
+                generator: Trainable::from_weights(seed, &device, &init, build)?,
+                // The fake score always starts from the teacher (docs/configs.md).
+                fake_score: Some(Trainable::from_weights(
+                    seed,
+                    &device,
+                    &teacher_weights,
+                    build,
+                )?),
+                pixel: None,
+                net_config: Some(serde_json::to_value(&cfg)?),
+            };
+            let data = PairSource::new(reader.clone(), seed, &device)?;
+            let run_dir = self.run_dir.join(&stage.name);
+            let mut engine = Engine::new(stage.engine.clone(), &run_dir, nets, data)
+                .with_context(|| format!("stage `{}`", stage.name))?;
+            engine.resume()?;
+            engine.train(stage.engine.steps)?;
+            init = engine.generator_weights().0;
+            dirs.push(run_dir);
+        }
+        Ok(dirs)
     }
 }
 

@@ -4,7 +4,9 @@
 //!   the constants below), and the memory estimate adds up as documented;
 //! - a local pipeline folder's configs are read instead (the tiny SDXL pipeline fixture: the
 //!   counts equal the element counts of its safetensors files);
-//! - bad recipes fail naming the key.
+//! - bad recipes fail naming the key;
+//! - a recipe trains (SDXL family, ADM then DMD) on the tiny pipeline: the generator moves,
+//!   the second stage starts from the first's generator, a second call resumes.
 
 #[allow(dead_code)]
 #[path = "../../adm-models/tests/common/sdxl_pipeline.rs"]
@@ -137,7 +139,7 @@ fn binary_prints_the_dry_run() {
     );
     assert!(stdout.contains("ACTIVATIONS NOT INCLUDED"), "{stdout}");
     assert!(stdout.contains("global batch 1 x 1 x 32 = 32"), "{stdout}");
-    // Without --dry-run the recipe is refused with a message saying so.
+    // Training is wired for SDXL only: a CogVideoX recipe without --dry-run says so.
     let out = Command::new(BIN)
         .args(["--config", "configs/cogvideox-adm-8step.toml"])
         .current_dir(root())
@@ -293,4 +295,194 @@ fn bad_recipes_name_the_key() {
             assert!(message.contains("stages.engine"), "{message}");
         }
     }
+}
+
+/// An ODE-pair store whose conditions fit the tiny pipeline's UNet (cross-attention width
+/// 32, pooled width 8, SDXL's 6 time ids, zero negative prompt); ADM / DMD read only them.
+fn tiny_condition_store(dir: &Path, n: usize) -> PathBuf {
+    use adm_data::store::{ConditionSpec, PairBatch, StoreDtype, StoreSpec, StoreWriter};
+    use candle_core::{DType, Device, Tensor};
+    let dev = Device::Cpu;
+    let _ = fs::remove_dir_all(dir);
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    let time_ids = Tensor::new(&[64f32, 64., 0., 0., 64., 64.], &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((n, 1))
+        .unwrap();
+    let conditions: Vec<(String, Tensor)> = [
+        (
+            "encoder_hidden_states",
+            adm_nn::randn(&mut rng, (n, 4, 32), &dev).unwrap(),
+        ),
+        (
+            "text_embeds",
+            adm_nn::randn(&mut rng, (n, 8), &dev).unwrap(),
+        ),
+        ("time_ids", time_ids),
+        (
+            "negative_encoder_hidden_states",
+            Tensor::zeros((n, 4, 32), DType::F32, &dev).unwrap(),
+        ),
+        (
+            "negative_text_embeds",
+            Tensor::zeros((n, 8), DType::F32, &dev).unwrap(),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, t)| (name.to_string(), t))
+    .collect();
+    let spec = StoreSpec {
+        teacher: "tiny-sdxl".into(),
+        schedule: "sdxl".into(),
+        solver: "ddim".into(),
+        steps: 4,
+        cfg_scale: 3.0,
+        seed: 0,
+        dtype: StoreDtype::F32,
+        noise_shape: vec![4, 8, 8],
+        sample_shape: vec![4, 8, 8],
+        conditions: conditions
+            .iter()
+            .map(|(name, t)| {
+                let spec = ConditionSpec {
+                    shape: t.dims()[1..].to_vec(),
+                    dtype: StoreDtype::F32,
+                };
+                (name.clone(), spec)
+            })
+            .collect(),
+        shard_size: 4,
+        partition: Default::default(),
+    };
+    let mut writer = StoreWriter::open(dir, spec).unwrap();
+    let noise = adm_nn::randn(&mut rng, (n, 4, 8, 8), &dev).unwrap();
+    let indices = writer.next_indices(n, n as u64);
+    writer
+        .append(PairBatch {
+            sample: noise.tanh().unwrap(),
+            noise,
+            conditions: conditions.into_iter().collect(),
+            prompts: (0..n).map(|i| format!("prompt {i}")).collect(),
+            indices,
+        })
+        .unwrap();
+    writer.finish().unwrap();
+    dir.to_path_buf()
+}
+
+fn generator_weights(
+    run_dir: &Path,
+    step: usize,
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let file = run_dir
+        .join("checkpoints")
+        .join(adm_train::checkpoint::step_dir_name(step))
+        .join("generator")
+        .join(adm_train::checkpoint::WEIGHTS_FILE);
+    candle_core::safetensors::load(file, &candle_core::Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn a_recipe_trains_the_tiny_sdxl_pipeline_stage_after_stage() {
+    let fixtures = root().join("crates/adm-models/tests/fixtures");
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("recipe-train-{}", std::process::id()));
+    let folder = pipeline::assemble(&fixtures, &dir.join("pipeline"));
+    let store = tiny_condition_store(&dir.join("conditions"), 3);
+    let stage = |name: &str, method: &str, steps: usize, lr: &str| {
+        format!(
+            r#"
+[[stages]]
+name = "{name}"
+[stages.engine]
+method = "{method}"
+seed = 1
+steps = {steps}
+batch_size = 2
+grad_accumulation = 1
+latent_shape = [4, 8, 8]
+cfg_scale = 3.0
+ttur = 1
+flow_divisions = 64
+taps = ["mid_block"]
+heads = {{ dims = "2d", layers = 1, channels = 8, groups = 4 }}
+dmd_timesteps = {{ kind = "uniform", min = 0.02, max = 0.98 }}
+ema_decay = 0.9
+student = {{ output = "native", steps = [1.0] }}
+generator = {{ learning_rate = {lr}, grad_clip = 10.0 }}
+fake_score = {{ learning_rate = 1e-3, grad_clip = 10.0 }}
+discriminator = {{ learning_rate = 1e-3, grad_clip = 10.0 }}
+checkpoint = {{ every = 1, keep_last = 2 }}
+log = {{ probe_every = 1, probe_size = 2, sample_every = 0, sample_count = 1 }}
+"#
+        )
+    };
+    let text = format!(
+        r#"job = "distill"
+run_dir = {run:?}
+[model]
+family = "sdxl"
+pretrained = {folder:?}
+precision = "f32"
+[parallel]
+world_size = 1
+[data]
+conditions = {store:?}
+{adm}{dmd}"#,
+        run = dir.join("run").display().to_string(),
+        folder = folder.display().to_string(),
+        store = store.display().to_string(),
+        adm = stage("adm", "adm", 2, "1e-3"),
+        // A vanishing learning rate: after its one step the generator is still where the
+        // previous stage left it, which shows that it started there.
+        dmd = stage("dmd", "dmd", 1, "1e-30"),
+    );
+    let recipe = Recipe::parse(&text, "tiny", &[]).unwrap();
+    let dirs = recipe.train().unwrap();
+    assert_eq!(dirs, [dir.join("run/adm"), dir.join("run/dmd")]);
+    let teacher = candle_core::safetensors::load(
+        folder.join("unet/diffusion_pytorch_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let adm = generator_weights(&dirs[0], 2);
+    let dmd = generator_weights(&dirs[1], 1);
+    assert_eq!(adm.len(), teacher.len());
+    let moved = adm
+        .iter()
+        .filter(|(name, t)| max_abs_diff(t, &teacher[*name]) > 0.0)
+        .count();
+    assert!(
+        moved > adm.len() / 2,
+        "only {moved} of {} generator tensors moved",
+        adm.len()
+    );
+    for (name, t) in &adm {
+        assert!(
+            max_abs_diff(t, &dmd[name]) < 1e-6,
+            "{name}: dmd did not start from adm"
+        );
+    }
+    let metrics = |d: &Path| fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics(&dirs[0]).lines().count(), 2);
+    // A second call resumes every stage from its last checkpoint: nothing more is trained.
+    let before = metrics(&dirs[0]);
+    recipe.train().unwrap();
+    assert_eq!(metrics(&dirs[0]), before);
+    let _ = fs::remove_dir_all(&dir);
 }
