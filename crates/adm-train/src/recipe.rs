@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::parse_toml;
-use crate::engine::{Engine, EngineConfig, EngineMethod, EngineNets};
+use crate::engine::{Engine, EngineConfig, EngineMethod, EngineNets, PixelNets};
 use crate::pairs::PairSource;
 use crate::student::Trainable;
 
@@ -301,9 +301,10 @@ impl Recipe {
 impl Recipe {
     /// Trains the stages in order on the CPU, each starting from the previous stage's
     /// generator (the first from the teacher), each in `run_dir/<stage name>` and resumed from
-    /// its latest checkpoint there. Wired so far: the SDXL family, `adm` and `dmd` stages,
-    /// conditions read from `data.conditions` (an ODE-pair store: its stored conditions).
-    /// Returns the stages' run folders.
+    /// its latest checkpoint there. Wired so far: the SDXL family. `adp` / `mse` stages read
+    /// `data.ode_pairs`, `adm` / `dmd` stages the stored conditions of `data.conditions` (an
+    /// ODE-pair store too); ADP's pixel discriminator decodes with the pipeline's VAE and reads
+    /// SAM from `pixel_discriminator.pretrained`. Returns the stages' run folders.
     pub fn train(&self) -> Result<Vec<PathBuf>> {
         ensure!(
             self.model.family == Family::Sdxl,
@@ -311,14 +312,6 @@ impl Recipe {
              --dry-run)",
             self.model.family
         );
-        for (i, stage) in self.stages.iter().enumerate() {
-            ensure!(
-                stage.engine.method.uses_fake_score(),
-                "config key `stages[{i}].engine.method`: training {} stages from a recipe is \
-                 not wired yet (adm and dmd are; --dry-run covers every method)",
-                stage.engine.method.name()
-            );
-        }
         let device = Device::Cpu;
         let dir =
             resolve_model(&self.model.pretrained, None).context("config key `model.pretrained`")?;
@@ -349,29 +342,41 @@ impl Recipe {
                 Ok((name, t))
             })
             .collect::<Result<HashMap<_, _>>>()?;
-        let store = self.data.conditions.as_ref().expect("validated");
-        let reader = Arc::new(
-            StoreReader::open(store)
-                .with_context(|| format!("config key `data.conditions` ({})", store.display()))?,
-        );
+        let open = |key: &str, store: &Option<PathBuf>| -> Result<Arc<StoreReader>> {
+            let store = store.as_ref().expect("validated");
+            Ok(Arc::new(StoreReader::open(store).with_context(|| {
+                format!("config key `{key}` ({})", store.display())
+            })?))
+        };
         let mut init = teacher_weights.clone();
         let mut dirs = Vec::new();
         for stage in &self.stages {
             let seed = stage.engine.seed;
+            let method = stage.engine.method;
+            // The fake score always starts from the teacher (docs/configs.md).
+            let fake_score = method
+                .uses_fake_score()
+                .then(|| Trainable::from_weights(seed, &device, &teacher_weights, build))
+                .transpose()?;
+            let pixel = if uses_pixel(&stage.engine) {
+                let section = self.pixel_discriminator.as_ref().expect("validated");
+                Some(self.pixel_nets(section, &dir, &stage.engine.adp.pixel_layers, &device)?)
+            } else {
+                None
+            };
             let nets = EngineNets {
                 teacher: teacher.clone(),
                 generator: Trainable::from_weights(seed, &device, &init, build)?,
-                // The fake score always starts from the teacher (docs/configs.md).
-                fake_score: Some(Trainable::from_weights(
-                    seed,
-                    &device,
-                    &teacher_weights,
-                    build,
-                )?),
-                pixel: None,
+                fake_score,
+                pixel,
                 net_config: Some(serde_json::to_value(&cfg)?),
             };
-            let data = PairSource::new(reader.clone(), seed, &device)?;
+            let reader = if method.uses_pairs() {
+                open("data.ode_pairs", &self.data.ode_pairs)?
+            } else {
+                open("data.conditions", &self.data.conditions)?
+            };
+            let data = PairSource::new(reader, seed, &device)?;
             let run_dir = self.run_dir.join(&stage.name);
             let mut engine = Engine::new(stage.engine.clone(), &run_dir, nets, data)
                 .with_context(|| format!("stage `{}`", stage.name))?;
@@ -381,6 +386,36 @@ impl Recipe {
             dirs.push(run_dir);
         }
         Ok(dirs)
+    }
+
+    /// ADP's frozen pixel discriminator backbone: the pipeline's VAE (`pipeline/vae`) and the
+    /// SAM encoder read after `layers`.
+    fn pixel_nets(
+        &self,
+        section: &PixelDiscriminatorSection,
+        pipeline: &Path,
+        layers: &[usize],
+        device: &Device,
+    ) -> Result<PixelNets> {
+        let dtype = self.model.precision.dtype();
+        let vae_dir = pipeline.join("vae");
+        let vae_cfg: vae::Config = read_config(&vae_dir)?;
+        let vae = load_model(&vae_dir, None, dtype, device, &[], |vb| {
+            vae::AutoencoderKL::new(vb, &vae_cfg)
+        })?;
+        if section.encoder == PixelEncoder::Dinov2 {
+            bail!("config key `pixel_discriminator.encoder`: the DINOv2 encoder is not built yet (use \"sam\")");
+        }
+        let id = sam_id(section)?;
+        let sam_dir = resolve_model(&id, None)
+            .with_context(|| format!("config key `pixel_discriminator.pretrained` ({id})"))?;
+        let cfg = sam::Config::from_json(&sam_dir.join("config.json"))?;
+        let encoder = sam::load_frozen(&Weights::open(&sam_dir, None)?, &cfg, dtype, device)?;
+        let extractor = sam::SamFeatureExtractor::new(Arc::new(encoder), layers)?;
+        Ok(PixelNets {
+            decoder: Arc::new(vae),
+            extractor: Arc::new(extractor),
+        })
     }
 }
 
@@ -663,15 +698,19 @@ fn sam_variant(variant: &str) -> Result<&'static str> {
     }
 }
 
+/// The section's SamModel folder or hub id.
+fn sam_id(pixel: &PixelDiscriminatorSection) -> Result<String> {
+    let repo = sam_variant(&pixel.variant)?;
+    Ok(pixel
+        .pretrained
+        .clone()
+        .unwrap_or_else(|| format!("facebook/{repo}")))
+}
+
 /// SAM's vision config for the section: from its `pretrained` folder (a SamModel
 /// config.json) when it resolves, otherwise the built-in copy of the variant's.
 fn sam_config(pixel: &PixelDiscriminatorSection) -> Result<sam::Config> {
-    let repo = sam_variant(&pixel.variant)?;
-    let id = pixel
-        .pretrained
-        .clone()
-        .unwrap_or_else(|| format!("facebook/{repo}"));
-    match ModelConfigs::resolve(&id)? {
+    match ModelConfigs::resolve(&sam_id(pixel)?)? {
         ModelConfigs::Folder(dir) => Ok(sam::Config::from_json(&dir.join("config.json"))?),
         built_in @ ModelConfigs::BuiltIn(_) => built_in.get("vision_config"),
     }

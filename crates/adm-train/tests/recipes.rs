@@ -5,8 +5,9 @@
 //! - a local pipeline folder's configs are read instead (the tiny SDXL pipeline fixture: the
 //!   counts equal the element counts of its safetensors files);
 //! - bad recipes fail naming the key;
-//! - a recipe trains (SDXL family, ADM then DMD) on the tiny pipeline: the generator moves,
-//!   the second stage starts from the first's generator, a second call resumes.
+//! - a recipe trains (SDXL family: ADP with SAM, then ADM, then DMD) on the tiny pipeline:
+//!   the generator moves, each stage starts from the previous one's generator, a second call
+//!   resumes.
 
 #[allow(dead_code)]
 #[path = "../../adm-models/tests/common/sdxl_pipeline.rs"]
@@ -297,9 +298,10 @@ fn bad_recipes_name_the_key() {
     }
 }
 
-/// An ODE-pair store whose conditions fit the tiny pipeline's UNet (cross-attention width
-/// 32, pooled width 8, SDXL's 6 time ids, zero negative prompt); ADM / DMD read only them.
-fn tiny_condition_store(dir: &Path, n: usize) -> PathBuf {
+/// An ODE-pair store of 16x16 latents (32x32 images through the tiny VAE: the tiny SAM's
+/// size) whose conditions fit the tiny pipeline's UNet (cross-attention width 32, pooled
+/// width 8, SDXL's 6 time ids, zero negative prompt); ADM / DMD read only the conditions.
+fn tiny_pair_store(dir: &Path, n: usize) -> PathBuf {
     use adm_data::store::{ConditionSpec, PairBatch, StoreDtype, StoreSpec, StoreWriter};
     use candle_core::{DType, Device, Tensor};
     let dev = Device::Cpu;
@@ -341,8 +343,8 @@ fn tiny_condition_store(dir: &Path, n: usize) -> PathBuf {
         cfg_scale: 3.0,
         seed: 0,
         dtype: StoreDtype::F32,
-        noise_shape: vec![4, 8, 8],
-        sample_shape: vec![4, 8, 8],
+        noise_shape: vec![4, 16, 16],
+        sample_shape: vec![4, 16, 16],
         conditions: conditions
             .iter()
             .map(|(name, t)| {
@@ -357,7 +359,7 @@ fn tiny_condition_store(dir: &Path, n: usize) -> PathBuf {
         partition: Default::default(),
     };
     let mut writer = StoreWriter::open(dir, spec).unwrap();
-    let noise = adm_nn::randn(&mut rng, (n, 4, 8, 8), &dev).unwrap();
+    let noise = adm_nn::randn(&mut rng, (n, 4, 16, 16), &dev).unwrap();
     let indices = writer.next_indices(n, n as u64);
     writer
         .append(PairBatch {
@@ -403,19 +405,27 @@ fn a_recipe_trains_the_tiny_sdxl_pipeline_stage_after_stage() {
     let dir =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("recipe-train-{}", std::process::id()));
     let folder = pipeline::assemble(&fixtures, &dir.join("pipeline"));
-    let store = tiny_condition_store(&dir.join("conditions"), 3);
-    let stage = |name: &str, method: &str, steps: usize, lr: &str| {
+    fs::create_dir_all(folder.join("vae")).unwrap();
+    for file in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        fs::copy(
+            fixtures.join("vae/sdxl_tiny").join(file),
+            folder.join("vae").join(file),
+        )
+        .unwrap();
+    }
+    let store = tiny_pair_store(&dir.join("pairs"), 3);
+    let stage = |name: &str, steps: usize, lr: &str| {
         format!(
             r#"
 [[stages]]
 name = "{name}"
 [stages.engine]
-method = "{method}"
+method = "{name}"
 seed = 1
 steps = {steps}
 batch_size = 2
 grad_accumulation = 1
-latent_shape = [4, 8, 8]
+latent_shape = [4, 16, 16]
 cfg_scale = 3.0
 ttur = 1
 flow_divisions = 64
@@ -423,7 +433,8 @@ taps = ["mid_block"]
 heads = {{ dims = "2d", layers = 1, channels = 8, groups = 4 }}
 dmd_timesteps = {{ kind = "uniform", min = 0.02, max = 0.98 }}
 ema_decay = 0.9
-student = {{ output = "native", steps = [1.0] }}
+student = {{ output = "velocity", steps = [1.0] }}
+adp = {{ pixel_layers = [1, 3] }}
 generator = {{ learning_rate = {lr}, grad_clip = 10.0 }}
 fake_score = {{ learning_rate = 1e-3, grad_clip = 10.0 }}
 discriminator = {{ learning_rate = 1e-3, grad_clip = 10.0 }}
@@ -441,43 +452,61 @@ pretrained = {folder:?}
 precision = "f32"
 [parallel]
 world_size = 1
+[pixel_discriminator]
+encoder = "sam"
+variant = "vit_b"
+pretrained = {sam:?}
 [data]
+ode_pairs = {store:?}
 conditions = {store:?}
-{adm}{dmd}"#,
+{adp}{adm}{dmd}"#,
         run = dir.join("run").display().to_string(),
         folder = folder.display().to_string(),
         store = store.display().to_string(),
-        adm = stage("adm", "adm", 2, "1e-3"),
-        // A vanishing learning rate: after its one step the generator is still where the
+        sam = fixtures.join("sam/tiny").display().to_string(),
+        adp = stage("adp", 2, "1e-3"),
+        // Vanishing learning rates: after its one step the generator is still where the
         // previous stage left it, which shows that it started there.
-        dmd = stage("dmd", "dmd", 1, "1e-30"),
+        adm = stage("adm", 1, "1e-30"),
+        dmd = stage("dmd", 1, "1e-30"),
     );
     let recipe = Recipe::parse(&text, "tiny", &[]).unwrap();
     let dirs = recipe.train().unwrap();
-    assert_eq!(dirs, [dir.join("run/adm"), dir.join("run/dmd")]);
+    assert_eq!(dirs, ["adp", "adm", "dmd"].map(|s| dir.join("run").join(s)));
     let teacher = candle_core::safetensors::load(
         folder.join("unet/diffusion_pytorch_model.safetensors"),
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let adm = generator_weights(&dirs[0], 2);
-    let dmd = generator_weights(&dirs[1], 1);
-    assert_eq!(adm.len(), teacher.len());
-    let moved = adm
+    let adp = generator_weights(&dirs[0], 2);
+    assert_eq!(adp.len(), teacher.len());
+    let moved = adp
         .iter()
         .filter(|(name, t)| max_abs_diff(t, &teacher[*name]) > 0.0)
         .count();
     assert!(
-        moved > adm.len() / 2,
+        moved > adp.len() / 2,
         "only {moved} of {} generator tensors moved",
-        adm.len()
+        adp.len()
     );
-    for (name, t) in &adm {
+    let adm = generator_weights(&dirs[1], 1);
+    let dmd = generator_weights(&dirs[2], 1);
+    for (name, t) in &adp {
+        assert!(
+            max_abs_diff(t, &adm[name]) < 1e-6,
+            "{name}: adm did not start from adp"
+        );
         assert!(
             max_abs_diff(t, &dmd[name]) < 1e-6,
             "{name}: dmd did not start from adm"
         );
     }
+    // ADP trained its pixel heads on SAM's layers 1 and 3.
+    let heads = dirs[0]
+        .join("checkpoints")
+        .join(adm_train::checkpoint::step_dir_name(2));
+    let config = fs::read_to_string(heads.join("discriminator/config.json")).unwrap();
+    assert!(config.contains("pixel_layers"), "{config}");
     let metrics = |d: &Path| fs::read_to_string(d.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics(&dirs[0]).lines().count(), 2);
     // A second call resumes every stage from its last checkpoint: nothing more is trained.
