@@ -60,6 +60,16 @@ pub enum Family {
     Cogvideox,
 }
 
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Sdxl => "sdxl",
+            Family::Sd3 => "sd3",
+            Family::Cogvideox => "cogvideox",
+        }
+    }
+}
+
 /// The compute dtype; trainable networks keep f32 master weights whatever it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -183,9 +193,9 @@ impl Recipe {
             let wants_video = self.model.family == Family::Cogvideox;
             ensure!(
                 (stage.engine.heads.dims == HeadDims::Video) == wants_video,
-                "config key `{key}.engine.heads.dims` must be \"{}\" for family {:?}",
+                "config key `{key}.engine.heads.dims` must be \"{}\" for family {}",
                 if wants_video { "3d" } else { "2d" },
-                self.model.family
+                self.model.family.name()
             );
             let method = stage.engine.method;
             let (key, store) = if method.uses_pairs() {
@@ -308,9 +318,14 @@ impl Recipe {
     pub fn train(&self) -> Result<Vec<PathBuf>> {
         ensure!(
             self.model.family == Family::Sdxl,
-            "config key `model.family`: training is wired for sdxl only so far ({:?} has \
+            "config key `model.family`: training is wired for sdxl only so far ({} has \
              --dry-run)",
-            self.model.family
+            self.model.family.name()
+        );
+        // candle 0.11 has no bf16 / f16 matmul on the CPU, the only device wired here.
+        ensure!(
+            self.model.precision == Precision::F32,
+            "config key `model.precision`: training on the CPU needs f32"
         );
         let device = Device::Cpu;
         let dir =
@@ -403,9 +418,6 @@ impl Recipe {
         let vae = load_model(&vae_dir, None, dtype, device, &[], |vb| {
             vae::AutoencoderKL::new(vb, &vae_cfg)
         })?;
-        if section.encoder == PixelEncoder::Dinov2 {
-            bail!("config key `pixel_discriminator.encoder`: the DINOv2 encoder is not built yet (use \"sam\")");
-        }
         let id = sam_id(section)?;
         let sam_dir = resolve_model(&id, None)
             .with_context(|| format!("config key `pixel_discriminator.pretrained` ({id})"))?;
@@ -700,6 +712,9 @@ fn sam_variant(variant: &str) -> Result<&'static str> {
 
 /// The section's SamModel folder or hub id.
 fn sam_id(pixel: &PixelDiscriminatorSection) -> Result<String> {
+    if pixel.encoder == PixelEncoder::Dinov2 {
+        bail!("config key `pixel_discriminator.encoder`: the DINOv2 encoder is not built yet (use \"sam\")");
+    }
     let repo = sam_variant(&pixel.variant)?;
     Ok(pixel
         .pretrained
@@ -724,9 +739,6 @@ fn uses_pixel(engine: &EngineConfig) -> bool {
 /// The frozen pixel encoder, counted, and the encoder (over broadcast tensors) its heads are
 /// built on.
 fn sam_encoder(pixel: &PixelDiscriminatorSection) -> Result<(Network, Arc<sam::SamVisionEncoder>)> {
-    if pixel.encoder == PixelEncoder::Dinov2 {
-        bail!("config key `pixel_discriminator.encoder`: the DINOv2 encoder is not built yet (use \"sam\")");
-    }
     let cfg = sam_config(pixel)?;
     let mut encoder = None;
     let params = count(|vb| {
@@ -840,8 +852,10 @@ impl fmt::Display for DryRun {
         let precision = format!("{:?}", self.precision).to_lowercase();
         writeln!(
             f,
-            "dry run: family {:?}, configs from {}, compute precision {precision}, world size {}",
-            self.family, self.config_source, self.world_size
+            "dry run: family {}, configs from {}, compute precision {precision}, world size {}",
+            self.family.name(),
+            self.config_source,
+            self.world_size
         )?;
         writeln!(
             f,
@@ -902,7 +916,7 @@ impl fmt::Display for DryRun {
                 "stage {} ({}): micro-batch {} per GPU, global batch {} x {} x {} = {}: frozen {}, \
                  trainable {}, EMA {}, total {}",
                 stage.name,
-                format!("{:?}", stage.method).to_lowercase(),
+                stage.method.name(),
                 stage.micro_batch,
                 stage.micro_batch,
                 stage.grad_accumulation,

@@ -269,6 +269,17 @@ fn bad_recipes_name_the_key() {
         let message = parse_error(recipe, overrides);
         assert!(message.contains(key), "{overrides:?}: {message}");
     }
+    // Training: wired for SDXL in f32 (the CPU) only, said before anything is loaded.
+    for (recipe, key) in [
+        ("cogvideox-adm-8step.toml", "model.family"),
+        ("sdxl-dmdx-1step.toml", "model.precision"),
+    ] {
+        let err = Recipe::load(&root().join("configs").join(recipe), &[])
+            .unwrap()
+            .train()
+            .unwrap_err();
+        assert!(format!("{err:#}").contains(key), "{recipe}: {err:#}");
+    }
     // A stage without `steps`, a tap the model lacks and an image latent shape on the
     // wrong channel count.
     let text = fs::read_to_string(root().join("configs/sd3-medium-adm-4step.toml")).unwrap();
