@@ -38,7 +38,9 @@ const COGVIDEOX_2B_TRANSFORMER: u64 = 1_693_783_872;
 const COGVIDEOX_5B_TRANSFORMER: u64 = 5_570_283_072;
 /// The decoder (adm-models builds no CogVideoX encoder); the whole VAE has 215,583,907.
 const COGVIDEOX_VAE_DECODER: u64 = 123_368_451;
+const SAM_VIT_B_ENCODER: u64 = 89_670_912;
 const SAM_VIT_L_ENCODER: u64 = 308_278_272;
+const SAM_VIT_H_ENCODER: u64 = 637_026_048;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -102,6 +104,19 @@ fn recipes_count_the_published_models_exactly() {
         ] {
             assert_eq!(params(&run, network), expected, "{recipe} {network}");
         }
+    }
+}
+
+#[test]
+fn sam_presets_count_as_transformers() {
+    use adm_models::sam::{Config, SamVisionEncoder};
+    for (cfg, expected) in [
+        (Config::vit_b(), SAM_VIT_B_ENCODER),
+        (Config::vit_l(), SAM_VIT_L_ENCODER),
+        (Config::vit_h(), SAM_VIT_H_ENCODER),
+    ] {
+        let counted = adm_train::recipe::count(|vb| SamVisionEncoder::new(vb, &cfg)).unwrap();
+        assert_eq!(counted, expected, "{cfg:?}");
     }
 }
 
