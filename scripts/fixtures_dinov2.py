@@ -18,7 +18,9 @@ would test little), run in float64; under crates/adm-models/tests/fixtures/dinov
                      hidden_states.0 the embeddings, hidden_states.{i+1} layer i's output) for
                      pixel_values, the same with an `interp.` prefix for pixel_values_interp (tiny only);
                      resize_down / resize_up: F.interpolate(resize_in, bilinear,
-                     antialias=True) to 4x3 and to 13x16 (tiny only)
+                     antialias=True) to 4x3 and to 13x16, bicubic_down / bicubic_up the same
+                     with mode="bicubic" (what transformers uses on the position embedding)
+                     (tiny only)
 
 Models: tiny (GELU MLP, 3 layers), tiny_swiglu (SwiGLU FFN as dinov2-giant, 2 layers).
 Also prints the tensor / parameter counts of facebook/dinov2-{small,base,large,giant} (built on
@@ -104,8 +106,9 @@ def make(name, kw, seed):
         outputs.update(run(model, inputs["pixel_values_interp"], "interp."))
         x = torch.randn((1, 2, 10, 7), generator=g)
         inputs["resize_in"] = x
-        for key, size in [("resize_down", (4, 3)), ("resize_up", (13, 16))]:
-            outputs[key] = F.interpolate(x.double(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        for key, size in [("down", (4, 3)), ("up", (13, 16))]:
+            outputs[f"resize_{key}"] = F.interpolate(x.double(), size=size, mode="bilinear", align_corners=False, antialias=True)
+            outputs[f"bicubic_{key}"] = F.interpolate(x.double(), size=size, mode="bicubic", align_corners=False)
     save_file({k: v.contiguous() for k, v in inputs.items()}, out_dir / "inputs.safetensors")
     save_file({k: v.contiguous() for k, v in outputs.items()}, out_dir / "outputs.safetensors")
     size = sum(q.stat().st_size for q in out_dir.iterdir())

@@ -28,12 +28,13 @@
 //!
 //! Layer norm, softmax (in attention) and the patch conv are adm-nn's, so gradients reach the
 //! input pixels and, built on a VarMap, every parameter but the unused mask token.
-//! candle-transformers' `dinov2` is not usable here: its LayerNorms are `candle_nn::LayerNorm`
-//! (fused on contiguous input: no gradient reaches the norm's input or parameters, measured
-//! with this crate's candle 0.11.1), with eps 1e-5 instead of 1e-6; it resizes the position
-//! embedding with nearest upsampling (not bicubic; wrong gradient), on the trained grid it adds
-//! the tokens to themselves instead of the embedding, and it has no SwiGLU (giant) nor mask
-//! token.
+//! candle-transformers' `dinov2` is not usable here. Its LayerNorms are
+//! `candle_nn::layer_norm(dim, 1e-5, vb)`: measured with candle-nn 0.11.1 (a VarMap-built one
+//! on a contiguous (2, 5, 8) Var), the output carries no gradient at all, neither to the input
+//! nor to `weight` / `bias` (adm-nn's gives one), and the eps is 1e-5 where DINOv2 uses 1e-6.
+//! Read in its source: it resizes the position embedding with nearest upsampling (not bicubic;
+//! candle's nearest backward is wrong), on the trained grid it adds the tokens to themselves
+//! instead of the embedding, and it has no SwiGLU (giant) nor mask token.
 //!
 //! [`Dinov2FeatureExtractor`] maps the VAE's `[-1, 1]` images to DINOv2's ImageNet
 //! normalisation, optionally resized (antialiased bilinear, differentiable), and returns the

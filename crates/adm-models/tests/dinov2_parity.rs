@@ -43,8 +43,8 @@ fn weights_from(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>) -> Re
     Weights::open_files(&[path])
 }
 
-/// f32 against float64, relative to the largest reference entry; the bound is
-/// `common::PARITY_TOL` (1e-5, tighter than the 1e-4 asked for).
+/// f32 against float64: max |error| relative to the largest reference entry, below
+/// `common::PARITY_TOL` (1e-5; 1e-4 was asked for).
 fn check_model(name: &str, prefixes: &[(&str, &str)]) -> Result<()> {
     let f = fixture(name)?;
     assert_eq!(Config::from_json(&f.dir.join("config.json"))?, f.config);
@@ -81,7 +81,8 @@ fn check_model(name: &str, prefixes: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// Measured (f32 against float64): see the printed errors; all below 1e-5.
+/// Measured (f32 against float64): tiny last_hidden_state 4.1e-7 on the trained grid, 5.2e-7
+/// on the interpolated one, hidden states <= 4.4e-7; tiny_swiglu <= 2.9e-7.
 #[test]
 fn matches_transformers() -> Result<()> {
     // 24x24 pixels: the trained 6x6 grid; 34x22: an 8x5 grid, bicubic position embedding.
@@ -92,14 +93,20 @@ fn matches_transformers() -> Result<()> {
     check_model("tiny_swiglu", &[("pixel_values", "")])
 }
 
-/// `resize` against `F.interpolate(bilinear, antialias=True)`, downsampling and upsampling.
+/// `resize` against `F.interpolate(bilinear, antialias=True)` and `F.interpolate(bicubic)`,
+/// downsampling and upsampling. Measured: <= 1.3e-7 (f32 against float64).
 #[test]
 fn resize_matches_pytorch() -> Result<()> {
     let f = fixture("tiny")?;
     let x = &f.inputs["resize_in"];
-    for (key, (h, w)) in [("resize_down", (4, 3)), ("resize_up", (13, 16))] {
-        let got = resize(x, h, w, Resample::BilinearAntialias)?;
-        assert_parity(key, &got, &f.outputs[key])?;
+    for (filter, name) in [
+        (Resample::BilinearAntialias, "resize"),
+        (Resample::Bicubic, "bicubic"),
+    ] {
+        for (key, (h, w)) in [("down", (4, 3)), ("up", (13, 16))] {
+            let key = format!("{name}_{key}");
+            assert_parity(&key, &resize(x, h, w, filter)?, &f.outputs[&key])?;
+        }
     }
     // Same size: the identity, for both filters.
     for filter in [Resample::Bicubic, Resample::BilinearAntialias] {
