@@ -41,6 +41,9 @@ const COGVIDEOX_VAE_DECODER: u64 = 123_368_451;
 const SAM_VIT_B_ENCODER: u64 = 89_670_912;
 const SAM_VIT_L_ENCODER: u64 = 308_278_272;
 const SAM_VIT_H_ENCODER: u64 = 637_026_048;
+/// transformers' `Dinov2Model` for facebook/dinov2-large (hidden 1024, 24 layers, 16 heads,
+/// 518 / 14, mask token), on the meta device.
+const DINOV2_LARGE: u64 = 304_368_640;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -118,6 +121,22 @@ fn sam_presets_count_as_transformers() {
         let counted = adm_train::recipe::count(|vb| SamVisionEncoder::new(vb, &cfg)).unwrap();
         assert_eq!(counted, expected, "{cfg:?}");
     }
+}
+
+#[test]
+fn dinov2_is_the_alternative_pixel_encoder() {
+    let path = root().join("configs/sdxl-dmdx-1step.toml");
+    let overrides = [
+        "pixel_discriminator.encoder=\"dinov2\"".to_string(),
+        "pixel_discriminator.input_size=[518, 518]".to_string(),
+    ];
+    let run = Recipe::load(&path, &overrides).unwrap().dry_run().unwrap();
+    assert_eq!(params(&run, "pixel_encoder"), DINOV2_LARGE);
+    assert!(run
+        .network("pixel_encoder")
+        .unwrap()
+        .class
+        .contains("Dinov2"));
 }
 
 #[test]
@@ -276,8 +295,16 @@ fn bad_recipes_name_the_key() {
         ),
         (
             sdxl,
-            &["pixel_discriminator.encoder=\"dinov2\""],
-            "pixel_discriminator.encoder",
+            &[
+                "pixel_discriminator.encoder=\"dinov2\"",
+                "pixel_discriminator.variant=\"vit_h\"",
+            ],
+            "pixel_discriminator.variant",
+        ),
+        (
+            sdxl,
+            &["pixel_discriminator.input_size=[224, 224]"],
+            "pixel_discriminator.input_size",
         ),
         (sdxl, &["data.ode_pairs=[]"], "data.ode_pairs"),
     ] {
