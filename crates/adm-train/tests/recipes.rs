@@ -7,7 +7,7 @@
 //! - bad recipes fail naming the key;
 //! - a recipe trains (SDXL family: ADP with SAM, then ADM, then DMD) on the tiny pipeline:
 //!   the generator moves, each stage starts from the previous one's generator, a second call
-//!   resumes.
+//!   resumes; and with DINOv2 as the pixel encoder.
 
 #[allow(dead_code)]
 #[path = "../../adm-models/tests/common/sdxl_pipeline.rs"]
@@ -566,5 +566,30 @@ conditions = {store:?}
     let before = metrics(&dirs[0]);
     recipe.train().unwrap();
     assert_eq!(metrics(&dirs[0]), before);
+    // DINOv2 as the pixel encoder (the tiny one has 3 blocks and 24 x 24 inputs).
+    let dinov2 = [
+        "pixel_discriminator.encoder=\"dinov2\"".to_string(),
+        "pixel_discriminator.variant=\"vit_s\"".to_string(),
+        format!(
+            "pixel_discriminator.pretrained={:?}",
+            fixtures.join("dinov2/tiny").display().to_string()
+        ),
+        "pixel_discriminator.input_size=[24, 24]".to_string(),
+        format!("run_dir={:?}", dir.join("run-dinov2").display().to_string()),
+    ];
+    let text = text.replace("pixel_layers = [1, 3]", "pixel_layers = [0, 2]");
+    let dirs = Recipe::parse(&text, "tiny", &dinov2)
+        .unwrap()
+        .train()
+        .unwrap();
+    let adp = generator_weights(&dirs[0], 2);
+    assert!(adp
+        .iter()
+        .any(|(name, t)| max_abs_diff(t, &teacher[name]) > 0.0));
+    let heads = dirs[0]
+        .join("checkpoints")
+        .join(adm_train::checkpoint::step_dir_name(2))
+        .join("discriminator/config.json");
+    assert!(fs::read_to_string(heads).unwrap().contains("pixel_layers"));
     let _ = fs::remove_dir_all(&dir);
 }
