@@ -49,6 +49,8 @@ Further groups (run all by default, or name them: `make_fixtures.py vae clip cou
          (scripts/fixtures_cogvideox.py), float64; also prints the published configs' counts.
   sam    fixtures/sam/tiny: SamVisionModel (scripts/fixtures_sam.py), float64; also prints
          the published SAM vision encoders' counts.
+  dinov2 fixtures/dinov2/{tiny,tiny_swiglu}: Dinov2Model (scripts/fixtures_dinov2.py),
+         float64, with an interpolated position embedding; also prints the published counts.
   counts prints the tensor / parameter counts of the published VAE and CLIP configs that
          the Rust tests hard-code.
   sd3    fixtures/mmdit/{sd3_tiny,sd35_large_tiny,sd35_medium_tiny}: SD3Transformer2DModel
@@ -582,7 +584,7 @@ def published_clip_counts():
 
 
 GROUPS = ("unet", "sampling", "vae", "clip", "t5", "cogvideox_vae", "sdxl_pipeline", "cogvideox", "sam",
-          "sd3")
+          "sd3", "dinov2")
 
 
 def main():
@@ -625,6 +627,10 @@ def main():
         import fixtures_sam
 
         fixtures_sam.main()
+    if "dinov2" in groups:
+        import fixtures_dinov2
+
+        fixtures_dinov2.main()
     if "sd3" in groups:
         fixtures_sd3.make_all()
     if "counts" in groups:

@@ -172,6 +172,17 @@ pub trait FeatureExtractor: Send + Sync {
     fn feature_channels(&self) -> Vec<usize>;
 }
 
+/// A shared extractor (e.g. one chosen at run time) is an extractor.
+impl<E: FeatureExtractor + ?Sized> FeatureExtractor for std::sync::Arc<E> {
+    fn features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        (**self).features(x)
+    }
+
+    fn feature_channels(&self) -> Vec<usize> {
+        (**self).feature_channels()
+    }
+}
+
 /// The pixel discriminator D_tau2 of ADP: a frozen feature extractor (SAM on images; on the
 /// toy an independent random network) plus trainable heads. It sees clean samples, no
 /// timestep.

@@ -40,9 +40,10 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear_b, Init, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::conv_heads::{ConvHeadConfig, HeadDims};
+use crate::conv_heads::ConvHeadConfig;
 use crate::heads::{FeatureExtractor, PixelDiscriminator};
 use crate::loading::Weights;
+use crate::pixel_encoder::{self, CheckpointLayout};
 
 /// transformers' `SamVisionConfig` (the `vision_config` of a `SamConfig`); missing keys take
 /// transformers' defaults, unknown keys are ignored. `image_size` / `patch_size` must be
@@ -528,30 +529,14 @@ impl SamVisionEncoder {
     /// only up to the deepest block asked for; the neck is not run.
     pub fn forward_with_features(&self, pixels: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
         self.check_layers(layers)?;
-        let deepest = layers.iter().copied().max().unwrap_or(0);
-        let mut x = self.embed(pixels)?;
-        let mut after = Vec::with_capacity(deepest + 1);
-        for layer in &self.layers[..=deepest] {
-            x = layer.forward(&x)?;
-            after.push(x.clone());
-        }
-        layers
+        pixel_encoder::states_after(&self.layers, self.embed(pixels)?, layers, Layer::forward)?
             .iter()
-            .map(|&i| after[i].permute((0, 3, 1, 2))?.contiguous())
+            .map(|x| x.permute((0, 3, 1, 2))?.contiguous())
             .collect()
     }
 
     fn check_layers(&self, layers: &[usize]) -> Result<()> {
-        if layers.is_empty() {
-            candle_core::bail!("SAM features: ask for at least one layer");
-        }
-        if let Some(&i) = layers.iter().find(|&&i| i >= self.layers.len()) {
-            candle_core::bail!(
-                "SAM features: layer {i} does not exist (the encoder has {} layers)",
-                self.layers.len()
-            );
-        }
-        Ok(())
+        pixel_encoder::check_layers("SAM", layers, self.layers.len())
     }
 }
 
@@ -562,41 +547,12 @@ pub const NON_VISION_PREFIXES: &[&str] = &[
     "shared_image_embedding.",
 ];
 
-const VISION_PREFIX: &str = "vision_encoder";
-
-/// The prefix (`"vision_encoder"`) under which `weights` holds the encoder, if any.
-fn encoder_prefix(weights: &Weights) -> Option<&'static str> {
-    weights
-        .shape(&format!("{VISION_PREFIX}.patch_embed.projection.weight"))
-        .map(|_| VISION_PREFIX)
-}
-
-fn with_prefix<'a>(vb: VarBuilder<'a>, prefix: Option<&str>) -> VarBuilder<'a> {
-    match prefix {
-        Some(p) => vb.pp(p),
-        None => vb,
-    }
-}
-
-/// Fails, naming them, when `weights` has tensors that are neither loaded nor a `SamModel`'s
-/// prompt encoder / mask decoder ([`NON_VISION_PREFIXES`]).
-fn check_no_unexpected(weights: &Weights) -> Result<()> {
-    let unexpected: Vec<String> = weights
-        .unused(&[])
-        .into_iter()
-        .filter(|n| !NON_VISION_PREFIXES.iter().any(|p| n.starts_with(p)))
-        .collect();
-    if unexpected.is_empty() {
-        return Ok(());
-    }
-    candle_core::bail!(
-        "{} unexpected tensors in the SAM checkpoint {:?} (not the vision encoder's, nor a \
-         prompt encoder / mask decoder tensor): {}",
-        unexpected.len(),
-        weights.files(),
-        unexpected.join(", ")
-    )
-}
+const LAYOUT: CheckpointLayout = CheckpointLayout {
+    model: "SAM",
+    prefix: "vision_encoder",
+    probe: "patch_embed.projection.weight",
+    foreign: NON_VISION_PREFIXES,
+};
 
 /// A frozen encoder from a `SamVisionEncoder`, `SamVisionModel` or full `SamModel` checkpoint
 /// (e.g. `Weights::open(folder, None)` of facebook/sam-vit-base). Missing or mis-shaped
@@ -608,10 +564,7 @@ pub fn load_frozen(
     dtype: DType,
     device: &Device,
 ) -> Result<SamVisionEncoder> {
-    let vb = with_prefix(weights.var_builder(dtype, device), encoder_prefix(weights));
-    let model = SamVisionEncoder::new(vb, cfg)?;
-    check_no_unexpected(weights)?;
-    Ok(model)
+    LAYOUT.load_frozen(weights, dtype, device, |vb| SamVisionEncoder::new(vb, cfg))
 }
 
 /// A trainable encoder: its Vars are created in `varmap` (named as in the checkpoint,
@@ -624,26 +577,14 @@ pub fn load_trainable(
     dtype: DType,
     device: &Device,
 ) -> Result<SamVisionEncoder> {
-    let vb = with_prefix(
-        VarBuilder::from_varmap(varmap, dtype, device),
-        encoder_prefix(weights),
-    );
-    let model = SamVisionEncoder::new(vb, cfg)?;
-    {
-        let data = varmap.data().lock().unwrap();
-        for (name, var) in data.iter() {
-            let t = weights.load(name, Some(var.shape()), device)?;
-            var.set(&t.to_dtype(dtype)?)?;
-        }
-    }
-    check_no_unexpected(weights)?;
-    Ok(model)
+    LAYOUT.load_trainable(weights, varmap, dtype, device, |vb| {
+        SamVisionEncoder::new(vb, cfg)
+    })
 }
 
 /// `SamProcessor`'s normalisation (transformers' `SamImageProcessor`: rescale by 1/255, then
 /// ImageNet mean / std per channel).
-pub const PIXEL_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
-pub const PIXEL_STD: [f64; 3] = [0.229, 0.224, 0.225];
+pub use crate::pixel_encoder::{IMAGENET_MEAN as PIXEL_MEAN, IMAGENET_STD as PIXEL_STD};
 
 /// SAM read at several blocks, for [`PixelDiscriminator`]: VAE images in `[-1, 1]`
 /// (B, 3, image_size, image_size) become `((x + 1) / 2 - mean) / std`, what `SamProcessor`
@@ -674,12 +615,7 @@ impl SamFeatureExtractor {
 
     /// `[-1, 1]` images to SAM's normalised pixels (differentiable, per-channel affine).
     pub fn normalize(images: &Tensor) -> Result<Tensor> {
-        let (dtype, dev) = (images.dtype(), images.device());
-        let per_channel =
-            |v: [f64; 3]| Tensor::new(&v, dev)?.to_dtype(dtype)?.reshape((1, 3, 1, 1));
-        let scale = per_channel(PIXEL_STD.map(|s| 0.5 / s))?;
-        let shift = per_channel([0, 1, 2].map(|i| (0.5 - PIXEL_MEAN[i]) / PIXEL_STD[i]))?;
-        images.broadcast_mul(&scale)?.broadcast_add(&shift)
+        pixel_encoder::imagenet_normalize(images)
     }
 }
 
@@ -702,9 +638,6 @@ pub fn pixel_discriminator(
     heads: &ConvHeadConfig,
     vb: VarBuilder,
 ) -> Result<PixelDiscriminator> {
-    if heads.dims != HeadDims::Image {
-        candle_core::bail!("the SAM pixel discriminator takes 2d conv heads (`dims = \"2d\"`)");
-    }
     let extractor = SamFeatureExtractor::new(encoder, layers)?;
-    PixelDiscriminator::with_conv_heads(Arc::new(extractor), heads, vb)
+    pixel_encoder::conv_pixel_discriminator("SAM", Arc::new(extractor), heads, vb)
 }

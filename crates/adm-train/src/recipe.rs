@@ -11,17 +11,22 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use adm_models::conv_heads::{ConvHeadSet, HeadDims};
-use adm_models::loading::{expected_tensors, read_config, resolve_model};
-use adm_models::{clip, cogvideox, cogvideox_vae, mmdit, sam, t5, unet_2d, vae, FeatureTap};
+use adm_models::conv_heads::{ConvHeadConfig, ConvHeadSet, HeadDims};
+use adm_models::loading::{
+    expected_tensors, load_model, read_config, resolve_model, ModelIndex, Weights,
+};
+use adm_models::{
+    clip, cogvideox, cogvideox_vae, dinov2, mmdit, sam, t5, unet_2d, vae, FeatureExtractor,
+    FeatureTap, InDtype, PixelDiscriminator,
+};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Shape};
+use candle_core::{DType, Device, Shape};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::parse_toml;
-use crate::engine::{EngineConfig, EngineMethod};
+use crate::engine::{EngineConfig, EngineMethod, PixelNets};
 
 /// The value of the top-level `job` key that selects a recipe.
 pub const JOB: &str = "distill";
@@ -53,6 +58,16 @@ pub enum Family {
     Sd3,
     /// CogVideoX: 3D transformer, causal video VAE (decoder), T5-XXL.
     Cogvideox,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Sdxl => "sdxl",
+            Family::Sd3 => "sd3",
+            Family::Cogvideox => "cogvideox",
+        }
+    }
 }
 
 /// The compute dtype; trainable networks keep f32 master weights whatever it is.
@@ -102,7 +117,7 @@ pub struct ParallelSection {
 pub enum PixelEncoder {
     /// SAM's ViT image encoder (the paper's choice).
     Sam,
-    /// DINOv2 (the paper's ablation); accepted here, not built yet.
+    /// DINOv2 (the paper's ablation).
     Dinov2,
 }
 
@@ -110,11 +125,15 @@ pub enum PixelEncoder {
 #[serde(deny_unknown_fields)]
 pub struct PixelDiscriminatorSection {
     pub encoder: PixelEncoder,
-    /// SAM: `vit_b`, `vit_l` or `vit_h`.
+    /// SAM: `vit_b`, `vit_l`, `vit_h`; DINOv2: `vit_s`, `vit_b`, `vit_l`, `vit_g`.
     pub variant: String,
-    /// A SamModel folder or hub id; default facebook/sam-vit-{base,large,huge}.
+    /// A checkpoint folder or hub id; default facebook/sam-vit-{base,large,huge} or
+    /// facebook/dinov2-{small,base,large,giant}.
     #[serde(default)]
     pub pretrained: Option<String>,
+    /// DINOv2 only: (height, width) the decoded images are resized to (unset: as decoded).
+    #[serde(default)]
+    pub input_size: Option<[usize; 2]>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,9 +201,9 @@ impl Recipe {
             let wants_video = self.model.family == Family::Cogvideox;
             ensure!(
                 (stage.engine.heads.dims == HeadDims::Video) == wants_video,
-                "config key `{key}.engine.heads.dims` must be \"{}\" for family {:?}",
+                "config key `{key}.engine.heads.dims` must be \"{}\" for family {}",
                 if wants_video { "3d" } else { "2d" },
-                self.model.family
+                self.model.family.name()
             );
             let method = stage.engine.method;
             let (key, store) = if method.uses_pairs() {
@@ -206,9 +225,12 @@ impl Recipe {
             );
         }
         if let Some(pixel) = &self.pixel_discriminator {
-            if pixel.encoder == PixelEncoder::Sam {
-                sam_variant(&pixel.variant)?;
-            }
+            pixel_repo(pixel)?;
+            ensure!(
+                pixel.input_size.is_none() || pixel.encoder == PixelEncoder::Dinov2,
+                "config key `pixel_discriminator.input_size` applies to dinov2 only (SAM takes \
+                 its image_size)"
+            );
         }
         Ok(())
     }
@@ -266,21 +288,26 @@ impl Recipe {
             if uses_pixel(engine) {
                 let section = self.pixel_discriminator.as_ref().expect("validated");
                 if pixel_encoder.is_none() {
-                    let (network, encoder) = sam_encoder(section)?;
+                    let (network, encoder) = pixel_encoder_network(section)?;
                     pixel_encoder = Some((run.add(network), encoder));
                 }
                 let (index, encoder) = pixel_encoder.clone().expect("just built");
                 let heads = engine.adp.pixel_heads.as_ref().unwrap_or(&engine.heads);
-                let params = count(|vb| {
-                    sam::pixel_discriminator(encoder, &engine.adp.pixel_layers, heads, vb)
-                })
-                .with_context(|| {
-                    format!("config key `stages[{i}].engine.adp.pixel_layers` / `pixel_heads`")
-                })?;
+                let params =
+                    count(|vb| encoder.discriminator(section, &engine.adp.pixel_layers, heads, vb))
+                        .with_context(|| {
+                            format!(
+                                "config key `stages[{i}].engine.adp.pixel_layers` / `pixel_heads`"
+                            )
+                        })?;
                 resident.extend([vae, index]);
                 resident.push(run.add(Network {
                     name: format!("{}.pixel_heads", stage.name),
-                    class: format!("{} conv heads on SAM", engine.adp.pixel_layers.len()),
+                    class: format!(
+                        "{} conv heads on {}",
+                        engine.adp.pixel_layers.len(),
+                        encoder.name()
+                    ),
                     role: Role::Trainable,
                     params,
                 }));
@@ -294,6 +321,46 @@ impl Recipe {
             });
         }
         Ok(run)
+    }
+}
+
+impl Recipe {
+    /// ADP's frozen pixel discriminator backbone: the pipeline's VAE (its `vae` component) and
+    /// the pixel encoder read after `layers`, both in the recipe's precision.
+    pub(crate) fn pixel_nets(
+        &self,
+        section: &PixelDiscriminatorSection,
+        pipeline: &Path,
+        layers: &[usize],
+        device: &Device,
+    ) -> Result<PixelNets> {
+        let dtype = self.model.precision.dtype();
+        let vae_dir = ModelIndex::read(pipeline)?.component_dir(pipeline, "vae")?;
+        let vae_cfg: vae::Config = read_config(&vae_dir)?;
+        let vae = load_model(&vae_dir, None, dtype, device, &[], |vb| {
+            vae::AutoencoderKL::new(vb, &vae_cfg)
+        })?;
+        let (cfg, folder) = pixel_config(section)?;
+        let dir = folder.with_context(|| {
+            format!(
+                "config key `pixel_discriminator.pretrained`: `{}` is not a local folder nor \
+                 in the hub cache",
+                pixel_id(section).unwrap_or_default()
+            )
+        })?;
+        let weights = Weights::open(&dir, None)?;
+        let encoder = match cfg {
+            PixelConfig::Sam(cfg) => {
+                PixelModel::Sam(Arc::new(sam::load_frozen(&weights, &cfg, dtype, device)?))
+            }
+            PixelConfig::Dinov2(cfg) => PixelModel::Dinov2(Arc::new(dinov2::load_frozen(
+                &weights, &cfg, dtype, device,
+            )?)),
+        };
+        Ok(PixelNets {
+            decoder: Arc::new(InDtype::new(vae, dtype)),
+            extractor: Arc::new(InDtype::new(encoder.extractor(section, layers)?, dtype)),
+        })
     }
 }
 
@@ -564,29 +631,131 @@ impl FamilyParts {
     }
 }
 
-/// `vit_b` / `vit_l` / `vit_h` to the SamModel repo name.
-pub(crate) fn sam_variant(variant: &str) -> Result<&'static str> {
-    match variant {
-        "vit_b" => Ok("sam-vit-base"),
-        "vit_l" => Ok("sam-vit-large"),
-        "vit_h" => Ok("sam-vit-huge"),
-        other => bail!(
+/// The checkpoint repo name of the section's encoder and variant.
+fn pixel_repo(pixel: &PixelDiscriminatorSection) -> Result<&'static str> {
+    Ok(match (pixel.encoder, pixel.variant.as_str()) {
+        (PixelEncoder::Sam, "vit_b") => "sam-vit-base",
+        (PixelEncoder::Sam, "vit_l") => "sam-vit-large",
+        (PixelEncoder::Sam, "vit_h") => "sam-vit-huge",
+        (PixelEncoder::Dinov2, "vit_s") => "dinov2-small",
+        (PixelEncoder::Dinov2, "vit_b") => "dinov2-base",
+        (PixelEncoder::Dinov2, "vit_l") => "dinov2-large",
+        (PixelEncoder::Dinov2, "vit_g") => "dinov2-giant",
+        (PixelEncoder::Sam, other) => bail!(
             "config key `pixel_discriminator.variant`: SAM has vit_b, vit_l and vit_h, got {other:?}"
         ),
+        (PixelEncoder::Dinov2, other) => bail!(
+            "config key `pixel_discriminator.variant`: DINOv2 has vit_s, vit_b, vit_l and vit_g, \
+             got {other:?}"
+        ),
+    })
+}
+
+/// The section's checkpoint folder or hub id.
+fn pixel_id(pixel: &PixelDiscriminatorSection) -> Result<String> {
+    let repo = pixel_repo(pixel)?;
+    Ok(pixel
+        .pretrained
+        .clone()
+        .unwrap_or_else(|| format!("facebook/{repo}")))
+}
+
+enum PixelConfig {
+    Sam(sam::Config),
+    Dinov2(dinov2::Config),
+}
+
+/// The encoder's config, and its checkpoint folder when the id resolves to one. A hub id that
+/// does not resolve falls back to the published config: SAM's built-in copy, or DINOv2's
+/// preset for the variant (the default id only).
+fn pixel_config(pixel: &PixelDiscriminatorSection) -> Result<(PixelConfig, Option<PathBuf>)> {
+    let id = pixel_id(pixel)?;
+    match pixel.encoder {
+        PixelEncoder::Sam => match ModelConfigs::resolve(&id)? {
+            ModelConfigs::Folder(dir) => {
+                let cfg = sam::Config::from_json(&dir.join("config.json"))?;
+                Ok((PixelConfig::Sam(cfg), Some(dir)))
+            }
+            built_in @ ModelConfigs::BuiltIn(_) => {
+                Ok((PixelConfig::Sam(built_in.get("vision_config")?), None))
+            }
+        },
+        PixelEncoder::Dinov2 => match resolve_model(&id, None) {
+            Ok(dir) => {
+                let cfg = dinov2::Config::from_json(&dir.join("config.json"))?;
+                Ok((PixelConfig::Dinov2(cfg), Some(dir)))
+            }
+            Err(_) if pixel.pretrained.is_none() => {
+                let cfg = match pixel.variant.as_str() {
+                    "vit_s" => dinov2::Config::vit_s(),
+                    "vit_b" => dinov2::Config::vit_b(),
+                    "vit_l" => dinov2::Config::vit_l(),
+                    _ => dinov2::Config::vit_g(),
+                };
+                Ok((PixelConfig::Dinov2(cfg), None))
+            }
+            Err(e) => Err(anyhow::Error::from(e).context(format!(
+                "config key `pixel_discriminator.pretrained` ({id})"
+            ))),
+        },
     }
 }
 
-/// SAM's vision config for the section: from its `pretrained` folder (a SamModel
-/// config.json) when it resolves, otherwise the built-in copy of the variant's.
-fn sam_config(pixel: &PixelDiscriminatorSection) -> Result<sam::Config> {
-    let repo = sam_variant(&pixel.variant)?;
-    let id = pixel
-        .pretrained
-        .clone()
-        .unwrap_or_else(|| format!("facebook/{repo}"));
-    match ModelConfigs::resolve(&id)? {
-        ModelConfigs::Folder(dir) => Ok(sam::Config::from_json(&dir.join("config.json"))?),
-        built_in @ ModelConfigs::BuiltIn(_) => built_in.get("vision_config"),
+/// A frozen pixel encoder (over broadcast tensors in the dry run, loaded for training).
+#[derive(Clone)]
+enum PixelModel {
+    Sam(Arc<sam::SamVisionEncoder>),
+    Dinov2(Arc<dinov2::Dinov2Model>),
+}
+
+impl PixelModel {
+    fn build(cfg: &PixelConfig, vb: VarBuilder<'static>) -> candle_core::Result<Self> {
+        Ok(match cfg {
+            PixelConfig::Sam(cfg) => Self::Sam(Arc::new(sam::SamVisionEncoder::new(vb, cfg)?)),
+            PixelConfig::Dinov2(cfg) => Self::Dinov2(Arc::new(dinov2::Dinov2Model::new(vb, cfg)?)),
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Sam(_) => "SamVisionEncoder",
+            Self::Dinov2(_) => "Dinov2Model",
+        }
+    }
+
+    /// The conv heads on the features after `layers`, built on `vb`.
+    fn discriminator(
+        &self,
+        section: &PixelDiscriminatorSection,
+        layers: &[usize],
+        heads: &ConvHeadConfig,
+        vb: VarBuilder<'static>,
+    ) -> candle_core::Result<PixelDiscriminator> {
+        match self {
+            Self::Sam(encoder) => sam::pixel_discriminator(encoder.clone(), layers, heads, vb),
+            Self::Dinov2(model) => {
+                let size = section.input_size.map(|[h, w]| (h, w));
+                dinov2::pixel_discriminator(model.clone(), layers, size, heads, vb)
+            }
+        }
+    }
+
+    fn extractor(
+        &self,
+        section: &PixelDiscriminatorSection,
+        layers: &[usize],
+    ) -> Result<Arc<dyn FeatureExtractor>> {
+        Ok(match self {
+            Self::Sam(encoder) => Arc::new(sam::SamFeatureExtractor::new(encoder.clone(), layers)?),
+            Self::Dinov2(model) => {
+                let size = section.input_size.map(|[h, w]| (h, w));
+                Arc::new(dinov2::Dinov2FeatureExtractor::new(
+                    model.clone(),
+                    layers,
+                    size,
+                )?)
+            }
+        })
     }
 }
 
@@ -597,24 +766,22 @@ fn uses_pixel(engine: &EngineConfig) -> bool {
 
 /// The frozen pixel encoder, counted, and the encoder (over broadcast tensors) its heads are
 /// built on.
-fn sam_encoder(pixel: &PixelDiscriminatorSection) -> Result<(Network, Arc<sam::SamVisionEncoder>)> {
-    if pixel.encoder == PixelEncoder::Dinov2 {
-        bail!("config key `pixel_discriminator.encoder`: the DINOv2 encoder is not built yet (use \"sam\")");
-    }
-    let cfg = sam_config(pixel)?;
+fn pixel_encoder_network(pixel: &PixelDiscriminatorSection) -> Result<(Network, PixelModel)> {
+    let (cfg, _) = pixel_config(pixel)?;
     let mut encoder = None;
     let params = count(|vb| {
-        encoder = Some(Arc::new(sam::SamVisionEncoder::new(vb, &cfg)?));
+        encoder = Some(PixelModel::build(&cfg, vb)?);
         Ok(())
     })
-    .context("pixel_discriminator: SAM encoder")?;
+    .context("pixel_discriminator: the encoder")?;
+    let encoder = encoder.expect("built when counted");
     let network = Network {
         name: "pixel_encoder".into(),
-        class: format!("SamVisionEncoder ({})", pixel.variant),
+        class: format!("{} ({})", encoder.name(), pixel.variant),
         role: Role::Frozen,
         params,
     };
-    Ok((network, encoder.expect("built when counted")))
+    Ok((network, encoder))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -714,8 +881,10 @@ impl fmt::Display for DryRun {
         let precision = format!("{:?}", self.precision).to_lowercase();
         writeln!(
             f,
-            "dry run: family {:?}, configs from {}, compute precision {precision}, world size {}",
-            self.family, self.config_source, self.world_size
+            "dry run: family {}, configs from {}, compute precision {precision}, world size {}",
+            self.family.name(),
+            self.config_source,
+            self.world_size
         )?;
         writeln!(
             f,
@@ -776,7 +945,7 @@ impl fmt::Display for DryRun {
                 "stage {} ({}): micro-batch {} per GPU, global batch {} x {} x {} = {}: frozen {}, \
                  trainable {}, EMA {}, total {}",
                 stage.name,
-                format!("{:?}", stage.method).to_lowercase(),
+                stage.method.name(),
                 stage.micro_batch,
                 stage.micro_batch,
                 stage.grad_accumulation,
@@ -803,7 +972,13 @@ mod tests {
             ("vit_l", sam::Config::vit_l()),
             ("vit_h", sam::Config::vit_h()),
         ] {
-            let repo = sam_variant(variant).unwrap();
+            let section = PixelDiscriminatorSection {
+                encoder: PixelEncoder::Sam,
+                variant: variant.into(),
+                pretrained: None,
+                input_size: None,
+            };
+            let repo = pixel_repo(&section).unwrap();
             let cfg: sam::Config = ModelConfigs::BuiltIn(repo.into())
                 .get("vision_config")
                 .unwrap();

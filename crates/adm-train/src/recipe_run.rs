@@ -22,20 +22,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use adm_data::store::StoreReader;
-use adm_models::loading::{read_config, read_json, resolve_model, ModelIndex, Weights};
-use adm_models::sam::{self, SamFeatureExtractor};
+use adm_models::loading::{read_json, resolve_model, ModelIndex, Weights};
 use adm_models::sdxl::{LoadOptions, SdxlTeacher};
 use adm_models::unet_2d::{
     self, UNet2DConditionModel, UNetBackbone, NEGATIVE_ENCODER_HIDDEN_STATES, NEGATIVE_TEXT_EMBEDS,
 };
-use adm_models::{vae, Backbone, Condition, InDtype};
+use adm_models::{Backbone, Condition, InDtype};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::engine::{ConditionSource, Engine, EngineData, EngineNets, PixelNets};
+use crate::engine::{ConditionSource, Engine, EngineData, EngineNets};
 use crate::pairs::PairSource;
-use crate::recipe::{Family, PixelEncoder, Recipe, Stage};
+use crate::recipe::{Family, Recipe, Stage};
 use crate::student::Trainable;
 
 /// What one stage left behind.
@@ -170,7 +169,12 @@ fn run_stage(
         false => None,
     };
     let pixel = match method.uses_pairs() && config.adp.lambda_pixel > 0.0 {
-        true => Some(pixel_nets(recipe, root, &config.adp.pixel_layers, device)?),
+        true => {
+            let section = recipe.pixel_discriminator.as_ref().context(
+                "config section `pixel_discriminator` is needed by ADP with lambda_pixel > 0",
+            )?;
+            Some(recipe.pixel_nets(section, root, &config.adp.pixel_layers, device)?)
+        }
         false => None,
     };
     let store = |key: &str, path: &Option<PathBuf>| -> Result<PairSource> {
@@ -215,47 +219,6 @@ fn run_stage(
             checkpoint,
         },
     ))
-}
-
-/// ADP's frozen pixel path: the pipeline's VAE decoder, then the pixel encoder.
-fn pixel_nets(
-    recipe: &Recipe,
-    root: &Path,
-    layers: &[usize],
-    device: &Device,
-) -> Result<PixelNets> {
-    let section = recipe
-        .pixel_discriminator
-        .as_ref()
-        .context("config section `pixel_discriminator` is needed by ADP with lambda_pixel > 0")?;
-    if section.encoder != PixelEncoder::Sam {
-        bail!(
-            "config key `pixel_discriminator.encoder`: training with {:?} is not wired yet (sam is)",
-            section.encoder
-        );
-    }
-    let dtype = recipe.model.precision.dtype();
-    let vae_dir = ModelIndex::read(root)?.component_dir(root, "vae")?;
-    let vae_cfg: vae::Config = read_config(&vae_dir)?;
-    let decoder = adm_models::loading::load_model(&vae_dir, None, dtype, device, &[], |vb| {
-        vae::AutoencoderKL::new(vb, &vae_cfg)
-    })
-    .with_context(|| format!("VAE {}", vae_dir.display()))?;
-    let sam_id = section.pretrained.clone().unwrap_or(format!(
-        "facebook/{}",
-        crate::recipe::sam_variant(&section.variant)?
-    ));
-    let sam_dir = resolve_model(&sam_id, None)
-        .with_context(|| format!("config key `pixel_discriminator.pretrained` = {sam_id:?}"))?;
-    let sam_cfg = sam::Config::from_json(&sam_dir.join("config.json"))?;
-    let encoder = sam::load_frozen(&Weights::open(&sam_dir, None)?, &sam_cfg, dtype, device)
-        .with_context(|| format!("SAM {}", sam_dir.display()))?;
-    let extractor = SamFeatureExtractor::new(Arc::new(encoder), layers)
-        .context("config key `engine.adp.pixel_layers`")?;
-    Ok(PixelNets {
-        decoder: Arc::new(InDtype::new(decoder, dtype)),
-        extractor: Arc::new(InDtype::new(extractor, dtype)),
-    })
 }
 
 /// Stored conditions plus the encoded negative prompt, repeated over the batch, under the

@@ -329,6 +329,26 @@ fn losses(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The uninterrupted run (`whole`) and the killed-and-resumed one (`parts`) logged the same
+/// `steps` metric rows and wrote byte-identical final checkpoints of `files` files.
+fn assert_runs_identical(whole: &Path, parts: &Path, steps: usize, files: usize, what: &str) {
+    let (a, b) = (
+        losses(&whole.join("metrics.jsonl")),
+        losses(&parts.join("metrics.jsonl")),
+    );
+    assert_eq!(a.len(), steps);
+    assert_eq!(a, b, "the resumed run's metrics differ");
+    let last = step_dir_name(steps);
+    let (fa, fb) = (
+        file_bytes(&whole.join("checkpoints").join(&last)),
+        file_bytes(&parts.join("checkpoints").join(&last)),
+    );
+    assert_eq!(fa.len(), files, "{what}");
+    for ((name, x), (_, y)) in fa.iter().zip(&fb) {
+        assert!(x == y, "{name} differs between the runs");
+    }
+}
+
 fn file_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut files = Vec::new();
     for net in std::fs::read_dir(dir).unwrap() {
@@ -370,21 +390,13 @@ fn killed_and_resumed_run_repeats_the_uninterrupted_one() -> Result<()> {
     assert_eq!(second.resume()?, Some(every));
     second.train(steps)?;
 
-    let (a, b) = (
-        losses(&whole.join("metrics.jsonl")),
-        losses(&parts.join("metrics.jsonl")),
+    assert_runs_identical(
+        &whole,
+        &parts,
+        steps,
+        5,
+        "four networks and the optimiser state",
     );
-    assert_eq!(a.len(), steps);
-    assert_eq!(a, b, "the resumed run's metrics differ");
-    let last = step_dir_name(steps);
-    let (fa, fb) = (
-        file_bytes(&whole.join("checkpoints").join(&last)),
-        file_bytes(&parts.join("checkpoints").join(&last)),
-    );
-    assert_eq!(fa.len(), 5, "four networks and the optimiser state");
-    for ((name, x), (_, y)) in fa.iter().zip(&fb) {
-        assert!(x == y, "{name} differs between the runs");
-    }
     // keep_last = 2 of steps 2 and 4.
     let kept: Vec<usize> = adm_train::checkpoint::Checkpoints::new(whole.join("checkpoints"), 2)?
         .list()?
@@ -723,25 +735,13 @@ fn killed_and_resumed_adp_run_repeats_the_uninterrupted_one() -> Result<()> {
     assert_eq!(second.resume()?, Some(every));
     second.train(steps)?;
 
-    let (a, b) = (
-        losses(&whole.join("metrics.jsonl")),
-        losses(&parts.join("metrics.jsonl")),
-    );
-    assert_eq!(a.len(), steps);
-    assert_eq!(a, b, "the resumed run's metrics differ");
-    let last = step_dir_name(steps);
-    let (fa, fb) = (
-        file_bytes(&whole.join("checkpoints").join(&last)),
-        file_bytes(&parts.join("checkpoints").join(&last)),
-    );
-    assert_eq!(
-        fa.len(),
+    assert_runs_identical(
+        &whole,
+        &parts,
+        steps,
         4,
-        "generator, its EMA, the discriminator heads and the optimiser state"
+        "generator, its EMA, the discriminator heads and the optimiser state",
     );
-    for ((name, x), (_, y)) in fa.iter().zip(&fb) {
-        assert!(x == y, "{name} differs between the runs");
-    }
     std::fs::remove_dir_all(&root)?;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! A recipe run on real (tiny) weights: the tiny SDXL pipeline fixture (UNet, both CLIP text
-//! encoders, tokenizers) with a tiny VAE, a tiny SAM and stores of encoded prompts, through
-//! `recipe_run::run`: ADP (latent + SAM-on-decoded-images discriminators), a hand-off stage,
-//! then ADM with the teacher's CFG on the encoded negative prompt.
+//! encoders, tokenizers) with a tiny VAE, a tiny SAM or DINOv2 and a store of encoded prompts
+//! as the collector writes it (no negatives), through `recipe_run::run`: ADP (latent + pixel
+//! discriminators on decoded images), then ADM and DMD with the teacher's CFG on the encoded
+//! negative prompt. The generator moves, each stage starts from the previous one's generator,
+//! a second run trains nothing more, a missing store is named.
 
 #[allow(dead_code)] // the constants serve the other including tests
 #[path = "../../adm-models/tests/common/sdxl_pipeline.rs"]
@@ -207,6 +209,7 @@ fn recipe_stages_run_in_order_hand_on_the_generator_and_resume() -> Result<()> {
             encoder: PixelEncoder::Sam,
             variant: "vit_b".into(),
             pretrained: Some(sam.display().to_string()),
+            input_size: None,
         }),
         data: DataSection {
             ode_pairs: Some(root.join("pairs")),
@@ -216,14 +219,14 @@ fn recipe_stages_run_in_order_hand_on_the_generator_and_resume() -> Result<()> {
         stages: vec![
             stage("adp", EngineMethod::Adp, 2, 1e-3),
             // A learning rate that cannot move f32 weights: its generator is the one handed in.
-            stage("hand-off", EngineMethod::Mse, 1, 1e-30),
-            stage("adm", EngineMethod::Adm, 2, 1e-3),
+            stage("adm", EngineMethod::Adm, 1, 1e-30),
+            stage("dmd", EngineMethod::Dmd, 2, 1e-3),
         ],
     };
     recipe.validate()?;
     let outcomes = adm_train::recipe_run::run(&recipe, &Device::Cpu)?;
     let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
-    assert_eq!(names, ["adp", "hand-off", "adm"]);
+    assert_eq!(names, ["adp", "adm", "dmd"]);
     assert_eq!(
         outcomes.iter().map(|o| o.steps).collect::<Vec<_>>(),
         [2, 1, 2]
@@ -233,17 +236,19 @@ fn recipe_stages_run_in_order_hand_on_the_generator_and_resume() -> Result<()> {
         pipeline.join("unet/diffusion_pytorch_model.safetensors"),
         &Device::Cpu,
     )?;
-    let [adp, hand_off, adm] = [0, 1, 2].map(|i| generator(&outcomes[i].checkpoint).unwrap());
+    let [adp, adm, dmd] = [0, 1, 2].map(|i| generator(&outcomes[i].checkpoint).unwrap());
     assert!(max_difference(&adp, &teacher)? > 0.0, "ADP did not train");
     assert_eq!(
-        max_difference(&hand_off, &adp)?,
+        max_difference(&adm, &adp)?,
         0.0,
-        "the second stage did not start from the first one's generator"
+        "the ADM stage did not start from the ADP generator"
     );
-    assert!(max_difference(&adm, &hand_off)? > 0.0, "ADM did not train");
-    for dir in ["adp", "adm"] {
+    assert!(max_difference(&dmd, &adm)? > 0.0, "DMD did not train");
+    let heads = std::fs::read_to_string(outcomes[0].checkpoint.join("discriminator/config.json"))?;
+    assert!(heads.contains("pixel_layers"), "{heads}");
+    for (dir, rows) in [("adp", 2), ("adm", 1), ("dmd", 2)] {
         let metrics = std::fs::read_to_string(root.join("run").join(dir).join("metrics.jsonl"))?;
-        assert_eq!(metrics.lines().count(), 2, "{dir}: {metrics}");
+        assert_eq!(metrics.lines().count(), rows, "{dir}: {metrics}");
         assert!(
             !metrics.contains("NaN") && !metrics.contains("null"),
             "{metrics}"
@@ -251,13 +256,27 @@ fn recipe_stages_run_in_order_hand_on_the_generator_and_resume() -> Result<()> {
     }
 
     // A second run finds every stage finished: nothing is trained again.
-    let metrics = std::fs::read_to_string(root.join("run/adm/metrics.jsonl"))?;
+    let metrics = std::fs::read_to_string(root.join("run/dmd/metrics.jsonl"))?;
     let again = adm_train::recipe_run::run(&recipe, &Device::Cpu)?;
     assert_eq!(again[2].checkpoint, outcomes[2].checkpoint);
     assert_eq!(
-        std::fs::read_to_string(root.join("run/adm/metrics.jsonl"))?,
+        std::fs::read_to_string(root.join("run/dmd/metrics.jsonl"))?,
         metrics
     );
+
+    // DINOv2 as the pixel encoder (the tiny one: 3 blocks, images resized to 24 x 24).
+    let mut dinov2 = recipe.clone();
+    dinov2.run_dir = root.join("run-dinov2");
+    dinov2.pixel_discriminator = Some(PixelDiscriminatorSection {
+        encoder: PixelEncoder::Dinov2,
+        variant: "vit_s".into(),
+        pretrained: Some(fixtures().join("dinov2/tiny").display().to_string()),
+        input_size: Some([24, 24]),
+    });
+    dinov2.stages.truncate(1);
+    dinov2.stages[0].engine.adp.pixel_layers = vec![0, 2];
+    let outcome = adm_train::recipe_run::run(&dinov2, &Device::Cpu)?;
+    assert!(max_difference(&generator(&outcome[0].checkpoint)?, &teacher)? > 0.0);
 
     // Bad input names what is wrong.
     let mut bad = recipe.clone();

@@ -5,6 +5,8 @@
 //! - a local pipeline folder's configs are read instead (the tiny SDXL pipeline fixture: the
 //!   counts equal the element counts of its safetensors files);
 //! - bad recipes fail naming the key.
+//!
+//! Training a recipe is tests/recipe_run.rs.
 
 #[allow(dead_code)]
 #[path = "../../adm-models/tests/common/sdxl_pipeline.rs"]
@@ -35,7 +37,12 @@ const COGVIDEOX_2B_TRANSFORMER: u64 = 1_693_783_872;
 const COGVIDEOX_5B_TRANSFORMER: u64 = 5_570_283_072;
 /// The decoder (adm-models builds no CogVideoX encoder); the whole VAE has 215,583,907.
 const COGVIDEOX_VAE_DECODER: u64 = 123_368_451;
+const SAM_VIT_B_ENCODER: u64 = 89_670_912;
 const SAM_VIT_L_ENCODER: u64 = 308_278_272;
+const SAM_VIT_H_ENCODER: u64 = 637_026_048;
+/// transformers' `Dinov2Model` for facebook/dinov2-large (hidden 1024, 24 layers, 16 heads,
+/// 518 / 14, mask token), on the meta device.
+const DINOV2_LARGE: u64 = 304_368_640;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -103,6 +110,35 @@ fn recipes_count_the_published_models_exactly() {
 }
 
 #[test]
+fn sam_presets_count_as_transformers() {
+    use adm_models::sam::{Config, SamVisionEncoder};
+    for (cfg, expected) in [
+        (Config::vit_b(), SAM_VIT_B_ENCODER),
+        (Config::vit_l(), SAM_VIT_L_ENCODER),
+        (Config::vit_h(), SAM_VIT_H_ENCODER),
+    ] {
+        let counted = adm_train::recipe::count(|vb| SamVisionEncoder::new(vb, &cfg)).unwrap();
+        assert_eq!(counted, expected, "{cfg:?}");
+    }
+}
+
+#[test]
+fn dinov2_is_the_alternative_pixel_encoder() {
+    let path = root().join("configs/sdxl-dmdx-1step.toml");
+    let overrides = [
+        "pixel_discriminator.encoder=\"dinov2\"".to_string(),
+        "pixel_discriminator.input_size=[518, 518]".to_string(),
+    ];
+    let run = Recipe::load(&path, &overrides).unwrap().dry_run().unwrap();
+    assert_eq!(params(&run, "pixel_encoder"), DINOV2_LARGE);
+    assert!(run
+        .network("pixel_encoder")
+        .unwrap()
+        .class
+        .contains("Dinov2"));
+}
+
+#[test]
 fn memory_estimate_adds_up_per_stage() {
     let run = dry_run("sdxl-dmdx-1step.toml");
     let adm = run.stages.iter().find(|s| s.name == "adm").unwrap();
@@ -137,7 +173,7 @@ fn binary_prints_the_dry_run() {
     );
     assert!(stdout.contains("ACTIVATIONS NOT INCLUDED"), "{stdout}");
     assert!(stdout.contains("global batch 1 x 1 x 32 = 32"), "{stdout}");
-    // Without --dry-run the recipe is refused with a message saying so.
+    // Training is wired for SDXL only: a CogVideoX recipe without --dry-run says so.
     let out = Command::new(BIN)
         .args(["--config", "configs/cogvideox-adm-8step.toml"])
         .current_dir(root())
@@ -258,14 +294,26 @@ fn bad_recipes_name_the_key() {
         ),
         (
             sdxl,
-            &["pixel_discriminator.encoder=\"dinov2\""],
-            "pixel_discriminator.encoder",
+            &[
+                "pixel_discriminator.encoder=\"dinov2\"",
+                "pixel_discriminator.variant=\"vit_h\"",
+            ],
+            "pixel_discriminator.variant",
+        ),
+        (
+            sdxl,
+            &["pixel_discriminator.input_size=[224, 224]"],
+            "pixel_discriminator.input_size",
         ),
         (sdxl, &["data.ode_pairs=[]"], "data.ode_pairs"),
     ] {
         let message = parse_error(recipe, overrides);
         assert!(message.contains(key), "{overrides:?}: {message}");
     }
+    // Training is wired for the SDXL family only, said before anything is loaded.
+    let recipe = Recipe::load(&root().join("configs/cogvideox-adm-8step.toml"), &[]).unwrap();
+    let err = adm_train::recipe_run::run(&recipe, &candle_core::Device::Cpu).unwrap_err();
+    assert!(format!("{err:#}").contains("model.family"), "{err:#}");
     // A stage without `steps`, a tap the model lacks and an image latent shape on the
     // wrong channel count.
     let text = fs::read_to_string(root().join("configs/sd3-medium-adm-4step.toml")).unwrap();
