@@ -1,12 +1,16 @@
-//! Frozen networks in a low-precision dtype (bf16 / f16) inside an f32 training graph.
+//! Networks in a low-precision dtype (bf16 / f16) inside an f32 training graph.
 //!
-//! The trainable networks keep f32 weights and compute in f32; the frozen ones (teacher,
-//! VAE, pixel encoder) are loaded in the recipe's precision to halve their memory.
-//! [`InDtype`] casts every float input to the frozen network's dtype and its outputs back to
-//! f32. Casts are differentiable, so the generator's gradient still flows through a bf16
-//! teacher or VAE.
+//! The frozen networks (teacher, VAE, pixel encoder) are loaded in the recipe's precision to
+//! halve their memory. Trainable networks keep f32 master Vars and may compute through a
+//! low-precision copy of them ([`compute_var_builder`]). [`InDtype`] casts every float input
+//! to the network's dtype and its outputs back to f32. Casts are differentiable, so the
+//! generator's gradient still flows through a bf16 teacher or VAE, and a compute copy's
+//! gradient lands, in f32, on the master Vars.
 
-use candle_core::{DType, Result, Tensor};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};
 use crate::decoder::Decoder;
@@ -35,6 +39,24 @@ impl<T> InDtype<T> {
     fn output(x: Tensor) -> Result<Tensor> {
         x.to_dtype(DType::F32)
     }
+}
+
+/// A VarBuilder over `dtype` casts of `varmap`'s Vars that keep the gradient path: a network
+/// built from it computes in `dtype` and back-propagates into the (f32) Vars. The casts are a
+/// snapshot: build again after the Vars change (`Var::set` does not reach them).
+pub fn compute_var_builder(
+    varmap: &VarMap,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    let tensors = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(dtype)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
 
 impl<B: Backbone> Backbone for InDtype<B> {
@@ -140,6 +162,28 @@ mod tests {
         let g = grads.get(x.as_tensor()).expect("the input gets a gradient");
         assert_eq!(g.dtype(), DType::F32);
         assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        Ok(())
+    }
+
+    /// A network on a bf16 compute copy back-propagates, in f32, into every f32 Var.
+    #[test]
+    fn compute_copy_passes_gradients_to_the_f32_vars() -> Result<()> {
+        let device = Device::Cpu;
+        let vars = SeededVarMap::new(4);
+        let vb = vars.var_builder(DType::F32, &device);
+        vb.get_with_hints((3, 2), "w", candle_nn::Init::Const(0.5))?;
+        let copy = compute_var_builder(vars.varmap(), DType::BF16, &device)?;
+        let w = copy.get((3, 2), "w")?;
+        assert_eq!(w.dtype(), DType::BF16);
+        let x = Tensor::new(&[[1f32, -2.0]], &device)?.to_dtype(DType::BF16)?;
+        let loss = x.matmul(&w.t()?)?.to_dtype(DType::F32)?.sum_all()?;
+        let grads = loss.backward()?;
+        let var = vars.varmap().all_vars().remove(0);
+        let g = grads
+            .get(var.as_tensor())
+            .expect("the f32 Var gets a gradient");
+        assert_eq!(g.dtype(), DType::F32);
+        assert_eq!(g.to_vec2::<f32>()?, vec![vec![1.0, -2.0]; 3]);
         Ok(())
     }
 }

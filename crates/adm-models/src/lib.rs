@@ -27,7 +27,7 @@ pub mod weights;
 pub use backbone::{
     guided_prediction, guided_x0_eps, predict_x0_eps, Backbone, Condition, FeatureTap,
 };
-pub use cast::InDtype;
+pub use cast::{compute_var_builder, InDtype};
 pub use conv_heads::{ConvHead, ConvHeadConfig, ConvHeadSet, HeadDims};
 pub use decoder::{Decoder, IdentityDecoder};
 pub use heads::{

@@ -50,9 +50,13 @@ fn trainable_net(
     init: &HashMap<String, Tensor>,
 ) -> Result<Trainable<ToyMlp>> {
     let seed = adm_nn::derive_seed(ctx.config.seed, stream);
-    Ok(Trainable::from_weights(seed, &ctx.device, init, |vb| {
-        ctx.build_net(vb)
-    })?)
+    let (model, schedule) = (ctx.model.clone(), ctx.schedule.clone());
+    Ok(Trainable::from_weights(
+        seed,
+        &ctx.device,
+        init,
+        move |vb| adm_models::ToyMlp::new(vb, &model, schedule.clone()),
+    )?)
 }
 
 fn fresh_vars(ctx: &ToyContext, stream: &str) -> adm_nn::SeededVarMap {

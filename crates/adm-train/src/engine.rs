@@ -47,6 +47,7 @@ use crate::ema::Ema;
 use crate::metrics::MetricsLog;
 use crate::optim::{Optimizer, OptimizerConfig, StepStats};
 use crate::pairs::PairSource;
+use crate::recipe::Precision;
 use crate::score;
 use crate::student::{line_point, Student, Trainable};
 
@@ -116,6 +117,16 @@ pub struct EngineConfig {
     /// ADP (and MSE's line times); defaults are METHOD.md's.
     #[serde(default)]
     pub adp: AdpConfig,
+    /// The dtype the generator and fake score compute in (f32, bf16, f16): their Vars, the
+    /// optimisers, the EMA and checkpoints stay f32 (master weights); in bf16 / f16 they run
+    /// forward and backward through a copy cast from the Vars after every optimiser step.
+    /// The discriminator heads compute in f32.
+    #[serde(default = "f32_compute")]
+    pub compute_dtype: Precision,
+}
+
+fn f32_compute() -> Precision {
+    Precision::F32
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -580,18 +591,22 @@ impl<B: Backbone + 'static> Engine<B> {
                 })
             }
         };
+        let compute = config.compute_dtype.dtype();
+        let mut generator = nets.generator;
+        generator.set_compute_dtype(compute)?;
         let opt_g =
-            Optimizer::with_config(GENERATOR, nets.generator.varmap(), config.generator.clone())?;
+            Optimizer::with_config(GENERATOR, generator.varmap(), config.generator.clone())?;
         let fake = if config.method.uses_fake_score() {
-            let fake = nets.fake_score.with_context(|| {
+            let mut fake = nets.fake_score.with_context(|| {
                 format!("engine.method = {method} needs a fake score (EngineNets::fake_score)")
             })?;
+            fake.set_compute_dtype(compute)?;
             let opt = Optimizer::with_config(FAKE_SCORE, fake.varmap(), config.fake_score.clone())?;
             Some((fake, opt))
         } else {
             None
         };
-        let ema = Ema::new(nets.generator.varmap(), config.ema_decay)?;
+        let ema = Ema::new(generator.varmap(), config.ema_decay)?;
         let probe = if fake.is_some() {
             let n = config.log.probe_size;
             let mut rng = StdRng::seed_from_u64(derive_seed(config.seed, "dmd-probe"));
@@ -614,7 +629,7 @@ impl<B: Backbone + 'static> Engine<B> {
                 config.checkpoint.keep_last,
             )?,
             student: Student {
-                model: nets.generator,
+                model: generator,
                 output: config.student.output,
                 steps: config.student.steps.clone(),
             },
@@ -730,6 +745,10 @@ impl<B: Backbone + 'static> Engine<B> {
             optimizers.push(&mut d.opt);
         }
         let state = checkpoint::load(dir, &entries(&maps), &mut optimizers)?;
+        self.student.model.master_changed();
+        if let Some((fake, _)) = &self.fake {
+            fake.master_changed();
+        }
         if state.seed != self.config.seed {
             tracing::warn!(
                 checkpoint = state.seed,
@@ -844,6 +863,17 @@ impl<B: Backbone + 'static> Engine<B> {
         }
     }
 
+    /// Applies the generator's pending step; when it was not skipped, updates the EMA and
+    /// marks the generator's compute copy stale.
+    fn apply_generator(&mut self) -> Result<StepStats> {
+        let stats = self.opt_g.apply()?;
+        if !stats.skipped {
+            self.ema.update()?;
+            self.student.model.master_changed();
+        }
+        Ok(stats)
+    }
+
     /// ADM / DMD: fake score, generator (and EMA), DMD probe, discriminator (ADM).
     fn score_step(&mut self, rng: &mut StdRng) -> Result<StepRecord> {
         let micro = self.config.grad_accumulation;
@@ -856,6 +886,7 @@ impl<B: Backbone + 'static> Engine<B> {
 
         let mut fake = None;
         for _ in 0..self.config.ttur {
+            let net = fake_net.compute()?;
             for _ in 0..micro {
                 let (x0, cond) = student_batch(
                     &self.student,
@@ -866,13 +897,16 @@ impl<B: Backbone + 'static> Engine<B> {
                 )?;
                 let x0 = x0.detach();
                 let (x_t, t, eps) = score::noised(self.teacher.schedule(), &x0, 0.0, rng)?;
-                let loss =
-                    score::fake_score_loss(fake_net.net.as_ref(), &x0, (&x_t, &t, &eps), &cond)?;
+                let loss = score::fake_score_loss(net.as_ref(), &x0, (&x_t, &t, &eps), &cond)?;
                 opt_f.accumulate(&loss, scale)?;
             }
-            fake = Some(opt_f.apply()?);
+            let stats = opt_f.apply()?;
+            if !stats.skipped {
+                fake_net.master_changed();
+            }
+            fake = Some(stats);
         }
-        let fake_net = fake_net.net.clone();
+        let fake_net = fake_net.compute()?;
 
         for _ in 0..micro {
             let (x0, cond) = student_batch(
@@ -915,10 +949,7 @@ impl<B: Backbone + 'static> Engine<B> {
             };
             self.opt_g.accumulate(&loss, scale)?;
         }
-        let generator = self.opt_g.apply()?;
-        if !generator.skipped {
-            self.ema.update()?;
-        }
+        let generator = self.apply_generator()?;
 
         let dmd_probe = if self.step.is_multiple_of(self.config.log.probe_every) {
             self.probe_dmd_loss()?
@@ -1009,10 +1040,7 @@ impl<B: Backbone + 'static> Engine<B> {
                 ..batch
             });
         }
-        let generator = self.opt_g.apply()?;
-        if !generator.skipped {
-            self.ema.update()?;
-        }
+        let generator = self.apply_generator()?;
         let d = self
             .discriminator
             .as_mut()
@@ -1037,10 +1065,7 @@ impl<B: Backbone + 'static> Engine<B> {
             let loss = losses::mse(&fake_x0, &x0)?;
             self.opt_g.accumulate(&loss, 1.0 / micro as f64)?;
         }
-        let generator = self.opt_g.apply()?;
-        if !generator.skipped {
-            self.ema.update()?;
-        }
+        let generator = self.apply_generator()?;
         Ok(StepRecord {
             fake: None,
             generator,
@@ -1060,7 +1085,7 @@ impl<B: Backbone + 'static> Engine<B> {
         let loss = score::dmd_loss(
             self.teacher.as_ref(),
             self.config.cfg_scale,
-            fake.net.as_ref(),
+            fake.compute()?.as_ref(),
             &x0,
             &p.cond,
             &p.t,
@@ -1114,7 +1139,7 @@ fn entries<'a>(maps: &'a [(&'static str, VarMap, Option<serde_json::Value>)]) ->
 
 /// Generator outputs with gradient (backward simulation for multi-step students) and their
 /// conditions.
-fn student_batch<B: Backbone>(
+fn student_batch<B: Backbone + 'static>(
     student: &Student<B>,
     source: &mut dyn ConditionSource,
     config: &EngineConfig,
@@ -1185,6 +1210,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("heads") && err.contains("4d"), "{err}");
+        // Compute dtype: f32 unless set; an unknown one is named.
+        assert_eq!(cfg.compute_dtype, Precision::F32);
+        let bf16: EngineConfig = toml::from_str(&format!("compute_dtype = \"bf16\"\n{TOML}"))?;
+        assert_eq!(bf16.compute_dtype.dtype(), DType::BF16);
+        let err = toml::from_str::<EngineConfig>(&format!("compute_dtype = \"fp8\"\n{TOML}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("compute_dtype") && err.contains("fp8"),
+            "{err}"
+        );
         let mut bad = cfg.clone();
         bad.student.steps = vec![0.5, 1.0];
         let err = bad.validate().unwrap_err().to_string();

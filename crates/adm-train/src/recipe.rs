@@ -281,7 +281,7 @@ impl Recipe {
                 resident.push(run.add(Network {
                     name: format!("{}.latent_heads", stage.name),
                     class: format!("{} conv heads on the teacher", channels.len()),
-                    role: Role::Trainable,
+                    role: Role::Heads,
                     params,
                 }));
             }
@@ -308,7 +308,7 @@ impl Recipe {
                         engine.adp.pixel_layers.len(),
                         encoder.name()
                     ),
-                    role: Role::Trainable,
+                    role: Role::Heads,
                     params,
                 }));
             }
@@ -788,9 +788,12 @@ fn pixel_encoder_network(pixel: &PixelDiscriminatorSection) -> Result<(Network, 
 pub enum Role {
     /// Weights at the compute precision, no gradient.
     Frozen,
-    /// f32 master weights, a compute-precision copy, f32 gradients and AdamW's two f32
-    /// moments.
+    /// f32 master weights, a compute-precision copy (none in f32), f32 gradients and AdamW's
+    /// two f32 moments: the generator and fake score (`engine.compute_dtype`).
     Trainable,
+    /// Discriminator heads: trainable, but they compute in f32 whatever the precision (f32
+    /// weights, gradients and AdamW's two moments, no copy).
+    Heads,
 }
 
 #[derive(Debug, Clone)]
@@ -837,14 +840,15 @@ impl DryRun {
         self.networks.iter().find(|n| n.name == name)
     }
 
-    /// Bytes per parameter of a trainable network beyond its f32 master weights: the compute
-    /// copy (none in f32), f32 gradients and AdamW's moments.
-    fn trainable_extra(&self) -> u64 {
-        let copy = match self.precision {
-            Precision::F32 => 0,
-            p => p.bytes(),
+    /// Bytes per parameter of a trainable network (`Trainable` or `Heads`): f32 master
+    /// weights, the compute copy (none in f32, none for heads), f32 gradients and AdamW's
+    /// moments.
+    fn trainable_bytes(&self, role: Role) -> u64 {
+        let copy = match (role, self.precision) {
+            (Role::Trainable, p) if p != Precision::F32 => p.bytes(),
+            _ => 0,
         };
-        copy + F32 + ADAMW_MOMENTS
+        F32 + copy + F32 + ADAMW_MOMENTS
     }
 
     /// The weight bytes a network holds: frozen at the compute precision, trainable as f32
@@ -852,7 +856,7 @@ impl DryRun {
     pub fn weight_bytes(&self, network: &Network) -> u64 {
         match network.role {
             Role::Frozen => network.params * self.precision.bytes(),
-            Role::Trainable => network.params * F32,
+            Role::Trainable | Role::Heads => network.params * F32,
         }
     }
 
@@ -863,7 +867,7 @@ impl DryRun {
             let network = &self.networks[i];
             match network.role {
                 Role::Frozen => frozen += self.weight_bytes(network),
-                Role::Trainable => trainable += network.params * (F32 + self.trainable_extra()),
+                role => trainable += network.params * self.trainable_bytes(role),
             }
         }
         // The engine always keeps an EMA of the generator (ema_decay only weighs it).
@@ -905,7 +909,7 @@ impl fmt::Display for DryRun {
             };
             let role = match network.role {
                 Role::Frozen => "frozen",
-                Role::Trainable => "trainable",
+                Role::Trainable | Role::Heads => "trainable",
             };
             writeln!(
                 f,
@@ -923,14 +927,16 @@ impl fmt::Display for DryRun {
         )?;
         writeln!(
             f,
-            "Frozen networks at {precision}; trainable ones as f32 master weights + {} + f32 \
-             gradients + AdamW moments (2 x f32) = {} bytes/parameter; EMA of the generator in f32.",
+            "Frozen networks at {precision}; generator and fake score as f32 master weights + {} \
+             + f32 gradients + AdamW moments (2 x f32) = {} bytes/parameter; discriminator heads \
+             compute in f32: {} bytes/parameter; EMA of the generator in f32.",
             if self.precision == Precision::F32 {
                 "no copy".to_string()
             } else {
                 format!("{precision} compute copy")
             },
-            F32 + self.trainable_extra()
+            self.trainable_bytes(Role::Trainable),
+            self.trainable_bytes(Role::Heads)
         )?;
         writeln!(
             f,

@@ -4,7 +4,11 @@
 //!
 //! - The teacher (and the VAE and pixel encoder ADP reads through) are frozen, loaded in the
 //!   recipe's `precision` and seen from the f32 training graph through
-//!   [`adm_models::InDtype`]; the generator, fake score and heads are f32 Vars.
+//!   [`adm_models::InDtype`]. The generator, fake score and heads are f32 Vars (master
+//!   weights); `precision` is also every stage's `engine.compute_dtype`, so in bf16 / f16 the
+//!   generator and fake score compute through a copy in that dtype (the heads in f32). A stage
+//!   may leave `compute_dtype` out (or f32) or repeat `model.precision`; anything else is an
+//!   error.
 //! - Every stage's generator starts from the previous stage's final generator (the first
 //!   from the teacher); fake scores start from the teacher (METHOD.md).
 //! - A stage resumes from its latest checkpoint; a finished stage is not trained again, its
@@ -32,9 +36,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::engine::{ConditionSource, Engine, EngineData, EngineNets};
+use crate::engine::{ConditionSource, Engine, EngineConfig, EngineData, EngineNets};
 use crate::pairs::PairSource;
-use crate::recipe::{Family, Recipe, Stage};
+use crate::recipe::{Family, Precision, Recipe, Stage};
 use crate::student::Trainable;
 
 /// What one stage left behind.
@@ -138,10 +142,11 @@ impl SdxlModel {
         init: &HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Trainable<UNetBackbone>> {
-        let build = |vb: VarBuilder<'static>| -> candle_core::Result<UNetBackbone> {
+        let (config, schedule) = (self.config.clone(), self.schedule.clone());
+        let build = move |vb: VarBuilder<'static>| -> candle_core::Result<UNetBackbone> {
             Ok(UNetBackbone::new(
-                UNet2DConditionModel::new(vb, &self.config)?,
-                self.schedule.clone(),
+                UNet2DConditionModel::new(vb, &config)?,
+                schedule.clone(),
             ))
         };
         Ok(Trainable::from_weights(seed, device, init, build)?)
@@ -157,7 +162,18 @@ fn run_stage(
     generator: HashMap<String, Tensor>,
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, StageOutcome)> {
-    let config = &stage.engine;
+    let precision = recipe.model.precision;
+    if ![Precision::F32, precision].contains(&stage.engine.compute_dtype) {
+        bail!(
+            "config key `stages[{index}].engine.compute_dtype` = {:?}: a recipe computes in \
+             `model.precision` = {precision:?} (leave the key out)",
+            stage.engine.compute_dtype
+        );
+    }
+    let config = &EngineConfig {
+        compute_dtype: precision,
+        ..stage.engine.clone()
+    };
     let method = config.method;
     let seed = adm_nn::derive_seed(config.seed, &stage.name);
     let fake_score = match method.uses_fake_score() {

@@ -2,31 +2,48 @@
 //! straight line between data and noise to x0, in one step or a few.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use adm_diffusion::Schedule;
-use adm_models::{copy_weights, Backbone, Condition};
+use adm_models::{compute_var_builder, copy_weights, Backbone, Condition, InDtype};
 use adm_nn::SeededVarMap;
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 use rand::rngs::StdRng;
 
 use crate::config::StudentOutput;
 
-/// A trainable network with its Vars, initialised from given weights.
+type Build<M> = Box<dyn Fn(VarBuilder<'static>) -> Result<M> + Send + Sync>;
+
+/// A trainable network with its f32 master Vars, initialised from given weights, and the
+/// dtype it computes in.
+///
+/// In f32 it computes on the Vars themselves (`net`). In bf16 / f16 it computes on a copy
+/// built from casts of the Vars ([`compute_var_builder`]) and seen through [`InDtype`]
+/// (inputs cast to the compute dtype, outputs back to f32); the gradient lands on the f32
+/// Vars, which the optimiser, the EMA and checkpoints read. The copy is a snapshot: whoever
+/// changes the Vars (an optimiser step, a checkpoint load) calls [`Trainable::master_changed`]
+/// and the next [`Trainable::compute`] rebuilds it.
 pub struct Trainable<M> {
+    /// The network on the f32 master Vars (computes in f32, always current).
     pub net: Arc<M>,
     pub vars: SeededVarMap,
+    build: Build<M>,
+    device: Device,
+    dtype: DType,
+    /// The compute copy (bf16 / f16); `None` until built or after the master changed.
+    copy: Mutex<Option<Arc<InDtype<M>>>>,
 }
 
 impl<M> Trainable<M> {
-    /// Builds `M` with `build`, then overwrites every Var with `init` (the teacher's or a
-    /// pre-trained student's weights).
+    /// Builds `M` with `build` (kept to build compute copies), then overwrites every Var with
+    /// `init` (the teacher's or a pre-trained student's weights). Computes in f32 until
+    /// [`Trainable::set_compute_dtype`].
     pub fn from_weights(
         seed: u64,
         device: &Device,
         init: &HashMap<String, Tensor>,
-        build: impl FnOnce(candle_nn::VarBuilder<'static>) -> Result<M>,
+        build: impl Fn(VarBuilder<'static>) -> Result<M> + Send + Sync + 'static,
     ) -> Result<Self> {
         let vars = SeededVarMap::new(seed);
         let net = build(vars.var_builder(DType::F32, device))?;
@@ -34,11 +51,53 @@ impl<M> Trainable<M> {
         Ok(Self {
             net: Arc::new(net),
             vars,
+            build: Box::new(build),
+            device: device.clone(),
+            dtype: DType::F32,
+            copy: Mutex::new(None),
         })
     }
 
     pub fn varmap(&self) -> &VarMap {
         self.vars.varmap()
+    }
+
+    /// The dtype the network computes in (its Vars stay f32).
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Computes in `dtype` from now on: f32, bf16 or f16.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            candle_core::bail!("compute dtype {dtype:?}: expected f32, bf16 or f16");
+        }
+        self.dtype = dtype;
+        self.master_changed();
+        Ok(())
+    }
+
+    /// The Vars changed: the next [`Trainable::compute`] rebuilds the compute copy.
+    pub fn master_changed(&self) {
+        *self.copy.lock().unwrap() = None;
+    }
+}
+
+impl<M: Backbone + 'static> Trainable<M> {
+    /// The network to run: `net` in f32, else the compute copy of the current Vars (built
+    /// on first use after a change).
+    pub fn compute(&self) -> Result<Arc<dyn Backbone>> {
+        if self.dtype == DType::F32 {
+            return Ok(self.net.clone());
+        }
+        let mut copy = self.copy.lock().unwrap();
+        if let Some(net) = copy.as_ref() {
+            return Ok(net.clone());
+        }
+        let vb = compute_var_builder(self.varmap(), self.dtype, &self.device)?;
+        let net = Arc::new(InDtype::new((self.build)(vb)?, self.dtype));
+        *copy = Some(net.clone());
+        Ok(net)
     }
 }
 
@@ -72,7 +131,7 @@ pub fn line_point(x0: &Tensor, noise: &Tensor, s: &[f64]) -> Result<Tensor> {
     (x0 * (1.0 - &s)?)? + (noise * s)?
 }
 
-impl<M: Backbone> Student<M> {
+impl<M: Backbone + 'static> Student<M> {
     fn schedule(&self) -> &Schedule {
         self.model.net.schedule()
     }
@@ -86,7 +145,7 @@ impl<M: Backbone> Student<M> {
                 let t: Vec<f64> = s.iter().map(|&s| s * schedule.t_max()).collect();
                 let v = self
                     .model
-                    .net
+                    .compute()?
                     .forward(x_line, &per_sample(&t, device)?, cond)?;
                 x_line - (v * expand_like(&per_sample(s, device)?, x_line)?)?
             }
@@ -107,7 +166,7 @@ impl<M: Backbone> Student<M> {
                 }
                 let t = per_sample(&t, device)?;
                 let x_t = (x_line * expand_like(&per_sample(&scale, device)?, x_line)?)?;
-                let prediction = self.model.net.forward(&x_t, &t, cond)?;
+                let prediction = self.model.compute()?.forward(&x_t, &t, cond)?;
                 Ok(schedule.to_x0_eps(&prediction, &x_t, &t)?.0)
             }
         }

@@ -170,6 +170,7 @@ fn stage(name: &str, method: EngineMethod, steps: usize, generator_lr: f64) -> S
                 pixel_heads: Some(heads),
                 ..AdpConfig::default()
             },
+            compute_dtype: Precision::F32,
         },
     }
 }
@@ -288,6 +289,18 @@ fn recipe_stages_run_in_order_hand_on_the_generator_and_resume() -> Result<()> {
     );
     assert!(
         err.contains("data.conditions") && err.contains("no-such-store"),
+        "{err}"
+    );
+    // A stage computes in the recipe's precision.
+    let mut bad = recipe.clone();
+    bad.stages[0].engine.compute_dtype = Precision::Bf16;
+    bad.run_dir = root.join("run-bad-dtype");
+    let err = format!(
+        "{:#}",
+        adm_train::recipe_run::run(&bad, &Device::Cpu).unwrap_err()
+    );
+    assert!(
+        err.contains("stages[0].engine.compute_dtype") && err.contains("model.precision"),
         "{err}"
     );
     std::fs::remove_dir_all(&root)?;

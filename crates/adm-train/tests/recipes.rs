@@ -144,10 +144,11 @@ fn memory_estimate_adds_up_per_stage() {
     let adm = run.stages.iter().find(|s| s.name == "adm").unwrap();
     let heads = params(&run, "adm.latent_heads");
     let (frozen, trainable, ema) = run.stage_bytes(adm);
-    // bf16 teacher; generator, fake score and heads at 4 (master) + 2 (bf16 copy) + 4 (grad)
-    // + 8 (AdamW) bytes; an f32 EMA of the generator. Text encoders and VAE are not resident.
+    // bf16 teacher; generator and fake score at 4 (master) + 2 (bf16 copy) + 4 (grad) + 8
+    // (AdamW) bytes, the heads (f32 compute) at 16; an f32 EMA of the generator. Text encoders
+    // and VAE are not resident.
     assert_eq!(frozen, SDXL_UNET * 2);
-    assert_eq!(trainable, (2 * SDXL_UNET + heads) * 18);
+    assert_eq!(trainable, 2 * SDXL_UNET * 18 + heads * 16);
     assert_eq!(ema, SDXL_UNET * 4);
     let adp = run.stages.iter().find(|s| s.name == "adp").unwrap();
     let (frozen, _, _) = run.stage_bytes(adp);
