@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use adm_models::dinov2::{
@@ -19,7 +18,7 @@ use adm_models::{ConvHeadConfig, FeatureExtractor, HeadDims};
 use adm_nn::{assert_every_var_has_grad, check_gradients, GradCheck, SeededVarMap};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_parity, Fixture, TempDir};
+use common::{assert_parity, weights_from, Fixture, Loaders, TempDir};
 
 const CPU: Device = Device::Cpu;
 
@@ -37,10 +36,17 @@ fn heads_cfg() -> ConvHeadConfig {
 }
 
 /// Writes `tensors` as a safetensors file in `dir` and opens it.
-fn weights_from(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>) -> Result<Weights> {
-    let path = dir.join(format!("{name}.safetensors"));
-    candle_core::safetensors::save(tensors, &path)?;
-    Weights::open_files(&[path])
+/// The tiny fixture's loaders.
+fn loaders(
+    cfg: &Config,
+) -> Loaders<
+    impl Fn(&Weights) -> Result<Dinov2Model> + '_,
+    impl Fn(&Weights, &VarMap) -> Result<Dinov2Model> + '_,
+> {
+    Loaders {
+        frozen: move |w: &Weights| load_frozen(w, cfg, DType::F32, &CPU),
+        trainable: move |w: &Weights, v: &VarMap| load_trainable(w, cfg, v, DType::F32, &CPU),
+    }
 }
 
 /// f32 against float64: max |error| relative to the largest reference entry, below
@@ -179,15 +185,7 @@ fn checkpoint_layouts() -> Result<()> {
     for extra in ["encoder.layer.0.attention.extra", "pooler.dense.weight"] {
         let mut more = f.weights.clone();
         more.insert(extra.to_string(), Tensor::zeros(2, DType::F32, &CPU)?);
-        let weights = weights_from(&tmp.0, "extra", &more)?;
-        let err = load_frozen(&weights, &f.config, DType::F32, &CPU)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(extra) && err.contains("unexpected"), "{err}");
-        let err = load_trainable(&weights, &f.config, &VarMap::new(), DType::F32, &CPU)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(extra), "{err}");
+        loaders(&f.config).assert_rejected(&tmp.0, &more, &[extra, "unexpected"], &[extra]);
     }
     Ok(())
 }
@@ -202,21 +200,8 @@ fn missing_or_misshaped_tensors_are_named() -> Result<()> {
     ] {
         let mut missing = f.weights.clone();
         missing.remove(name);
-        let weights = weights_from(&tmp.0, "missing", &missing)?;
-        let err = load_frozen(&weights, &f.config, DType::F32, &CPU)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("missing tensor") && err.contains(name),
-            "{err}"
-        );
-        let err = load_trainable(&weights, &f.config, &VarMap::new(), DType::F32, &CPU)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("missing tensor") && err.contains(name),
-            "{err}"
-        );
+        let needles = ["missing tensor", name];
+        loaders(&f.config).assert_rejected(&tmp.0, &missing, &needles, &needles);
     }
     // A position embedding for another grid (7x7 + CLS instead of 6x6 + CLS).
     let name = "embeddings.position_embeddings";
@@ -225,13 +210,11 @@ fn missing_or_misshaped_tensors_are_named() -> Result<()> {
         name.to_string(),
         Tensor::zeros((1, 50, 16), DType::F32, &CPU)?,
     );
-    let weights = weights_from(&tmp.0, "misshaped", &misshaped)?;
-    let err = load_frozen(&weights, &f.config, DType::F32, &CPU)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains(name) && err.contains("[1, 50, 16]") && err.contains("[1, 37, 16]"),
-        "{err}"
+    loaders(&f.config).assert_rejected(
+        &tmp.0,
+        &misshaped,
+        &[name, "[1, 50, 16]", "[1, 37, 16]"],
+        &[name, "[1, 37, 16]"],
     );
     Ok(())
 }

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
-use adm_models::loading::read_config;
+use adm_models::loading::{read_config, Weights};
 use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarMap;
 use serde::de::DeserializeOwned;
 
 /// Parity target: max |rust f32 - reference f64| / max |reference f64| (diffusers or
@@ -119,5 +120,50 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `tensors` written as `{dir}/{name}.safetensors` and opened as a checkpoint.
+pub fn weights_from(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>) -> Result<Weights> {
+    let path = dir.join(format!("{name}.safetensors"));
+    candle_core::safetensors::save(tensors, &path)?;
+    Weights::open_files(&[path])
+}
+
+/// A model's two ways of loading a checkpoint: frozen, and into the Vars of a VarMap.
+pub struct Loaders<F, T> {
+    pub frozen: F,
+    pub trainable: T,
+}
+
+impl<F, T, A, B> Loaders<F, T>
+where
+    F: Fn(&Weights) -> Result<A>,
+    T: Fn(&Weights, &VarMap) -> Result<B>,
+{
+    /// Both loaders reject the checkpoint `tensors` (written under `dir`): the frozen one
+    /// with an error holding every one of `frozen`, the trainable one every one of
+    /// `trainable`.
+    pub fn assert_rejected(
+        &self,
+        dir: &Path,
+        tensors: &HashMap<String, Tensor>,
+        frozen: &[&str],
+        trainable: &[&str],
+    ) {
+        let weights = weights_from(dir, "rejected", tensors).unwrap();
+        let check = |result: std::result::Result<(), String>, needles: &[&str]| match result {
+            Ok(()) => panic!("a loader accepted the checkpoint that should fail with {needles:?}"),
+            Err(err) => assert!(
+                needles.iter().all(|n| err.contains(n)),
+                "{needles:?}: {err}"
+            ),
+        };
+        let frozen_result = (self.frozen)(&weights).map(drop).map_err(|e| e.to_string());
+        check(frozen_result, frozen);
+        let trainable_result = (self.trainable)(&weights, &VarMap::new())
+            .map(drop)
+            .map_err(|e| e.to_string());
+        check(trainable_result, trainable);
     }
 }
