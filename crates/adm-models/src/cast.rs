@@ -2,15 +2,12 @@
 //!
 //! The frozen networks (teacher, VAE, pixel encoder) are loaded in the recipe's precision to
 //! halve their memory. Trainable networks keep f32 master Vars and may compute through a
-//! low-precision copy of them ([`compute_var_builder`]). [`InDtype`] casts every float input
+//! low-precision copy of them ([`crate::compute_var_builder`]). [`InDtype`] casts every float input
 //! to the network's dtype and its outputs back to f32. Casts are differentiable, so the
 //! generator's gradient still flows through a bf16 teacher or VAE, and a compute copy's
 //! gradient lands, in f32, on the master Vars.
 
-use std::collections::HashMap;
-
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{DType, Result, Tensor};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};
 use crate::decoder::Decoder;
@@ -39,24 +36,6 @@ impl<T> InDtype<T> {
     fn output(x: Tensor) -> Result<Tensor> {
         x.to_dtype(DType::F32)
     }
-}
-
-/// A VarBuilder over `dtype` casts of `varmap`'s Vars that keep the gradient path: a network
-/// built from it computes in `dtype` and back-propagates into the (f32) Vars. The casts are a
-/// snapshot: build again after the Vars change (`Var::set` does not reach them).
-pub fn compute_var_builder(
-    varmap: &VarMap,
-    dtype: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>> {
-    let tensors = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(dtype)?)))
-        .collect::<Result<HashMap<_, _>>>()?;
-    Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
 
 impl<B: Backbone> Backbone for InDtype<B> {
@@ -116,6 +95,7 @@ impl<E: FeatureExtractor> FeatureExtractor for InDtype<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compute_var_builder;
     use crate::toy_mlp::{ToyMlp, ToyMlpConfig, CLASS_LABELS};
     use adm_diffusion::ScheduleConfig;
     use adm_nn::SeededVarMap;

@@ -27,7 +27,7 @@ pub mod weights;
 pub use backbone::{
     guided_prediction, guided_x0_eps, predict_x0_eps, Backbone, Condition, FeatureTap,
 };
-pub use cast::{compute_var_builder, InDtype};
+pub use cast::InDtype;
 pub use conv_heads::{ConvHead, ConvHeadConfig, ConvHeadSet, HeadDims};
 pub use decoder::{Decoder, IdentityDecoder};
 pub use heads::{
@@ -35,4 +35,6 @@ pub use heads::{
     RandomFeatureMlp, VectorHead,
 };
 pub use toy_mlp::{ToyMlp, ToyMlpConfig};
-pub use weights::{copy_weights, frozen_var_builder, save_safetensors_atomic, varmap_tensors};
+pub use weights::{
+    compute_var_builder, copy_weights, frozen_var_builder, save_safetensors_atomic, varmap_tensors,
+};

@@ -14,12 +14,33 @@ pub fn frozen_var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
+    var_builder_of(varmap, dtype, device, |t| t.detach().copy())
+}
+
+/// A VarBuilder over `dtype` casts of `varmap`'s Vars that keep the gradient path: a network
+/// built from it computes in `dtype` and back-propagates into the (f32) Vars. The casts are a
+/// snapshot: build again after the Vars change (`Var::set` does not reach them).
+pub fn compute_var_builder(
+    varmap: &VarMap,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    var_builder_of(varmap, dtype, device, |t| t.to_dtype(dtype))
+}
+
+/// A VarBuilder over `tensor(var)` of every Var of `varmap`, by name.
+fn var_builder_of(
+    varmap: &VarMap,
+    dtype: DType,
+    device: &Device,
+    tensor: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<VarBuilder<'static>> {
     let tensors = varmap
         .data()
         .lock()
         .unwrap()
         .iter()
-        .map(|(name, var)| Ok((name.clone(), var.as_tensor().detach().copy()?)))
+        .map(|(name, var)| Ok((name.clone(), tensor(var.as_tensor())?)))
         .collect::<Result<HashMap<_, _>>>()?;
     Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
