@@ -30,7 +30,8 @@ impl Digits {
     pub fn load() -> Result<Self, DataError> {
         let here = std::path::Path::new("adm-data/data/digits.safetensors");
         let bad = |reason: String| DataError::file(here, reason);
-        let tensors = safetensors::SafeTensors::deserialize(BYTES).map_err(|e| bad(e.to_string()))?;
+        let tensors =
+            safetensors::SafeTensors::deserialize(BYTES).map_err(|e| bad(e.to_string()))?;
         let read = |name: &str, shape: &[usize]| -> Result<Vec<u8>, DataError> {
             let view = tensors
                 .tensor(name)
@@ -49,7 +50,10 @@ impl Digits {
         if let Some(v) = images.iter().find(|&&v| f32::from(v) > MAX_VALUE) {
             return Err(bad(format!("pixel value {v} above {MAX_VALUE}")));
         }
-        if let Some(c) = labels.iter().find(|&&c| usize::from(c) >= NUM_DIGIT_CLASSES) {
+        if let Some(c) = labels
+            .iter()
+            .find(|&&c| usize::from(c) >= NUM_DIGIT_CLASSES)
+        {
             return Err(bad(format!("label {c} is not a digit")));
         }
         Ok(Self {
@@ -74,7 +78,10 @@ impl Digits {
         if test >= self.len() {
             return Err(DataError::invalid(
                 "test split",
-                format!("{test} test images leave none of {} to train on", self.len()),
+                format!(
+                    "{test} test images leave none of {} to train on",
+                    self.len()
+                ),
             ));
         }
         let mut order: Vec<usize> = (0..self.len()).collect();

@@ -58,7 +58,10 @@ impl Scored {
             self.feature_dim
         );
         ensure!(
-            self.probs.iter().chain(&self.features).all(|v| v.is_finite()),
+            self.probs
+                .iter()
+                .chain(&self.features)
+                .all(|v| v.is_finite()),
             "{what}: non-finite classifier output"
         );
         Ok(())
@@ -136,11 +139,7 @@ pub fn digits_metrics(
         class_kl: class_kl(&teacher.predicted(), &predicted, k),
         confidence,
         accuracy,
-        frechet: frechet_distance(
-            &teacher.features,
-            &scored.features,
-            scored.feature_dim,
-        )?,
+        frechet: frechet_distance(&teacher.features, &scored.features, scored.feature_dim)?,
         diversity: within_class_distance(pixels, requested, k),
     })
 }
@@ -227,7 +226,11 @@ fn mean_cov(x: &[f32], d: usize) -> (Vec<f64>, Vec<f64>) {
     }
     let mut cov = vec![0.0; d * d];
     for row in x.chunks(d) {
-        let c: Vec<f64> = row.iter().zip(&mean).map(|(&v, m)| f64::from(v) - m).collect();
+        let c: Vec<f64> = row
+            .iter()
+            .zip(&mean)
+            .map(|(&v, m)| f64::from(v) - m)
+            .collect();
         for i in 0..d {
             for j in 0..d {
                 cov[i * d + j] += c[i] * c[j] / n as f64;
@@ -294,7 +297,12 @@ pub fn symmetric_eigen(m: &[f64], d: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..d {
         v[i * d + i] = 1.0;
     }
-    let scale = a.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+    let scale = a
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
     for _sweep in 0..100 {
         let off: f64 = (0..d)
             .flat_map(|i| (0..d).filter(move |&j| j != i).map(move |j| (i, j)))
@@ -375,10 +383,18 @@ mod tests {
         assert!(frechet_distance(&a, &a, 2).unwrap() < 1e-9);
         // A shift adds |shift|^2.
         let shifted: Vec<f32> = a.chunks(2).flat_map(|r| [r[0] + 3.0, r[1] - 1.0]).collect();
-        assert!(close(frechet_distance(&a, &shifted, 2).unwrap(), 10.0, 1e-9));
+        assert!(close(
+            frechet_distance(&a, &shifted, 2).unwrap(),
+            10.0,
+            1e-9
+        ));
         // Scaling by s gives (1 - s)^2 tr(S): tr(S) = (2 + 8) / 4 = 2.5.
         let scaled: Vec<f32> = a.iter().map(|v| v * 3.0).collect();
-        assert!(close(frechet_distance(&a, &scaled, 2).unwrap(), 4.0 * 2.5, 1e-9));
+        assert!(close(
+            frechet_distance(&a, &scaled, 2).unwrap(),
+            4.0 * 2.5,
+            1e-9
+        ));
         assert!(frechet_distance(&a, &a[..3], 2).is_err());
     }
 

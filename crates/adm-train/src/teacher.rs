@@ -56,7 +56,7 @@ impl Teacher {
 /// Weights saved with a sidecar JSON of everything they depend on, so that a re-run with the
 /// same settings reuses them (stage-level resume) and a changed config retrains.
 pub fn cached_weights(
-    ctx: &ToyContext,
+    device: &candle_core::Device,
     path: &Path,
     fingerprint: &serde_json::Value,
 ) -> Result<Option<HashMap<String, Tensor>>> {
@@ -71,7 +71,7 @@ pub fn cached_weights(
     {
         return Ok(None);
     }
-    let weights = candle_core::safetensors::load(path, &ctx.device)
+    let weights = candle_core::safetensors::load(path, device)
         .with_context(|| format!("cannot read cached weights {}", path.display()))?;
     Ok(Some(weights))
 }
@@ -101,7 +101,7 @@ pub fn teacher_fingerprint(ctx: &ToyContext) -> serde_json::Value {
 pub fn train_teacher(ctx: &ToyContext) -> Result<Teacher> {
     let path = ctx.path("teacher.safetensors");
     let fingerprint = teacher_fingerprint(ctx);
-    if let Some(weights) = cached_weights(ctx, &path, &fingerprint)? {
+    if let Some(weights) = cached_weights(&ctx.device, &path, &fingerprint)? {
         tracing::info!("teacher: reusing {}", path.display());
         return Teacher::from_weights(ctx, weights);
     }
