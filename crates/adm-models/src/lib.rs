@@ -7,6 +7,7 @@ pub mod clip;
 pub mod cogvideox;
 pub mod cogvideox_vae;
 pub mod conv_heads;
+pub mod decoder;
 pub mod forward_cli;
 pub mod heads;
 pub mod loading;
@@ -24,6 +25,7 @@ pub use backbone::{
     guided_prediction, guided_x0_eps, predict_x0_eps, Backbone, Condition, FeatureTap,
 };
 pub use conv_heads::{ConvHead, ConvHeadConfig, ConvHeadSet, HeadDims};
+pub use decoder::{Decoder, IdentityDecoder};
 pub use heads::{
     DiscriminatorHeads, FeatureExtractor, HeadSet, Heads, LatentDiscriminator, PixelDiscriminator,
     RandomFeatureMlp, VectorHead,

@@ -18,6 +18,7 @@ use rand::SeedableRng;
 
 use crate::context::{progress, stage_log, ToyContext};
 use crate::optim::Optimizer;
+use crate::pairs::{PairSource, Pairs};
 use crate::score;
 use crate::student::{line_point, Student, Trainable};
 use crate::teacher::Teacher;
@@ -58,54 +59,6 @@ fn fresh_vars(ctx: &ToyContext, stream: &str) -> adm_nn::SeededVarMap {
     adm_nn::SeededVarMap::new(adm_nn::derive_seed(ctx.config.seed, stream))
 }
 
-/// Shuffled passes over the ODE-pair store, one batch at a time.
-struct PairFeed<'a> {
-    reader: &'a StoreReader,
-    seed: u64,
-    epoch: u64,
-    order: Vec<u64>,
-    cursor: usize,
-}
-
-impl<'a> PairFeed<'a> {
-    fn new(reader: &'a StoreReader, seed: u64) -> Self {
-        Self {
-            reader,
-            seed,
-            epoch: 0,
-            order: Vec::new(),
-            cursor: 0,
-        }
-    }
-
-    /// (noise x_T, teacher sample x_0, condition).
-    fn next(&mut self, ctx: &ToyContext, batch: usize) -> Result<(Tensor, Tensor, Condition)> {
-        let mut indices = Vec::with_capacity(batch);
-        while indices.len() < batch {
-            if self.cursor == self.order.len() {
-                self.order = self.reader.epoch_indices(self.seed, self.epoch, 0, 1)?;
-                self.epoch += 1;
-                self.cursor = 0;
-                if self.order.is_empty() {
-                    anyhow::bail!(
-                        "the ODE-pair store {} has no readable pair",
-                        self.reader.dir().display()
-                    );
-                }
-            }
-            let take = (batch - indices.len()).min(self.order.len() - self.cursor);
-            indices.extend_from_slice(&self.order[self.cursor..self.cursor + take]);
-            self.cursor += take;
-        }
-        let pairs = self.reader.get_batch(&indices, &ctx.device)?;
-        let cond = pairs
-            .conditions
-            .iter()
-            .fold(Condition::new(), |c, (name, t)| c.with(name, t.clone()));
-        Ok((pairs.noise, pairs.sample, cond))
-    }
-}
-
 /// Line times from a unit-time distribution.
 fn line_times(dist: &adm_diffusion::TimestepDistribution, n: usize, rng: &mut StdRng) -> Vec<f64> {
     dist.sample_unit(n, rng)
@@ -137,14 +90,19 @@ pub fn mse_pretrain(
         cfg.learning_rate,
         ctx.config.student.grad_clip,
     )?;
-    let mut feed = PairFeed::new(pairs, adm_nn::derive_seed(ctx.config.seed, "mse-pairs"));
+    let mut feed = PairSource::new(
+        pairs,
+        adm_nn::derive_seed(ctx.config.seed, "mse-pairs"),
+        &ctx.device,
+    )?;
     let mut log = stage_log(ctx, "mse")?;
     let bar = progress("mse", cfg.steps);
     for step in 0..cfg.steps {
-        let (noise, x0, cond) = feed.next(ctx, batch)?;
+        let p = feed.next_pairs(batch)?;
         let s = line_times(&ctx.config.adp.generator_timesteps, batch, &mut rng);
-        let prediction = student.x0_from_line(&line_point(&x0, &noise, &s)?, &s, &cond)?;
-        let stats = opt.step(&losses::mse(&prediction, &x0)?)?;
+        let prediction =
+            student.x0_from_line(&line_point(&p.sample, &p.noise, &s)?, &s, &p.cond)?;
+        let stats = opt.step(&losses::mse(&prediction, &p.sample)?)?;
         if step % 50 == 0 {
             log.record(
                 step,
@@ -214,10 +172,19 @@ impl AdpNetworks {
         })
     }
 
-    fn batch(&self, ctx: &ToyContext, feed: &mut PairFeed, rng: &mut StdRng) -> Result<AdpBatch> {
+    fn batch(
+        &self,
+        ctx: &ToyContext,
+        feed: &mut PairSource<&StoreReader>,
+        rng: &mut StdRng,
+    ) -> Result<AdpBatch> {
         let cfg = &ctx.config.adp;
         let n = ctx.config.student.batch_size;
-        let (noise, x0, cond) = feed.next(ctx, n)?;
+        let Pairs {
+            noise,
+            sample: x0,
+            cond,
+        } = feed.next_pairs(n)?;
         let s = line_times(&cfg.generator_timesteps, n, rng);
         let fake_x0 = self
             .student
@@ -281,7 +248,11 @@ pub fn adp(ctx: &ToyContext, teacher: &Teacher, pairs: &StoreReader) -> Result<S
         cfg.lr_discriminator,
         clip,
     )?;
-    let mut feed = PairFeed::new(pairs, adm_nn::derive_seed(ctx.config.seed, "adp-pairs"));
+    let mut feed = PairSource::new(
+        pairs,
+        adm_nn::derive_seed(ctx.config.seed, "adp-pairs"),
+        &ctx.device,
+    )?;
     let mut log = stage_log(ctx, "adp")?;
     let bar = progress("adp", cfg.steps);
     for step in 0..cfg.steps {
@@ -718,7 +689,7 @@ pub(crate) mod tests {
         let teacher = random_teacher(&ctx);
         let pairs = collect_toy_pairs(&ctx, &teacher)?;
         let nets = AdpNetworks::new(&ctx, &teacher)?;
-        let mut feed = PairFeed::new(&pairs, 1);
+        let mut feed = PairSource::new(&pairs, 1, &ctx.device)?;
         let batch = nets.batch(&ctx, &mut feed, &mut ctx.rng("test"))?;
         let grads = nets.generator_loss(&ctx, &batch)?.backward()?;
         assert_every_var_has_grad(nets.student.model.varmap(), &grads)?;

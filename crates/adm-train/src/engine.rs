@@ -1,6 +1,8 @@
 //! The training engine for real backbones: ADM (or DMD) score distillation over a frozen
 //! teacher, a trainable generator and a trainable fake score that all implement `Backbone`,
-//! with convolutional discriminator heads on the teacher's features, one AdamW per network
+//! and ADP (or MSE) pre-training of the generator on ODE pairs from a store ([`PairSource`]),
+//! with convolutional discriminator heads on the teacher's features (ADP: also on a frozen
+//! pixel feature extractor over decoded samples), one AdamW per network
 //! (own learning rate, warm-up, clipping, non-finite guard), gradient accumulation, an EMA of
 //! the generator, atomic checkpoints with exact resume, JSONL metrics, sample grids and a
 //! progress bar.
@@ -9,10 +11,14 @@
 //! - ADM: `ttur` fake-score updates, one generator update (then the EMA), the DMD probe (a
 //!   metric, never optimised), `ttur` discriminator updates.
 //! - DMD: `ttur` fake-score updates, one generator update on the DMD2 loss.
+//! - ADP: one generator update on `-(l1 D1(x~_t, t) + l2 D2(decode(x~_0)))` (then the EMA),
+//!   one discriminator update on the same micro-batches (fakes detached); real and fake are
+//!   re-noised with the same fresh noise at the same uniform timesteps.
+//! - MSE: one generator update regressing the pairs' x_0 from their line points.
 //!
 //! Every optimiser step sums `grad_accumulation` micro-batches. Step `n` draws all its
 //! randomness from a generator seeded by `(seed, n)`, and conditions come from a
-//! [`ConditionSource`] with a cursor, so a checkpoint's (seed, step, cursor) is the whole
+//! [`ConditionSource`] (or pairs from a [`PairSource`]) with a cursor, so a checkpoint's (seed, step, cursor) is the whole
 //! random state and a resumed run repeats an uninterrupted one exactly.
 
 use std::collections::HashMap;
@@ -20,8 +26,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use adm_diffusion::TimestepDistribution;
-use adm_models::{Backbone, Condition, ConvHeadConfig, LatentDiscriminator};
+use adm_diffusion::{Schedule, TimestepDistribution};
+use adm_losses as losses;
+use adm_models::{
+    Backbone, Condition, ConvHeadConfig, Decoder, FeatureExtractor, LatentDiscriminator,
+    PixelDiscriminator,
+};
 use adm_nn::{derive_seed, SeededVarMap};
 use anyhow::{bail, ensure, Context as _, Result};
 use candle_core::{DType, Device, Tensor};
@@ -36,15 +46,40 @@ use crate::context::progress;
 use crate::ema::Ema;
 use crate::metrics::MetricsLog;
 use crate::optim::{Optimizer, OptimizerConfig, StepStats};
+use crate::pairs::PairSource;
 use crate::score;
-use crate::student::{Student, Trainable};
+use crate::student::{line_point, Student, Trainable};
 
-/// Which score-distillation loss trains the generator.
+/// Which loss trains the generator: score distillation (ADM, DMD) or pre-training on ODE
+/// pairs (ADP, MSE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineMethod {
     Adm,
     Dmd,
+    Adp,
+    Mse,
+}
+
+impl EngineMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Adm => "adm",
+            Self::Dmd => "dmd",
+            Self::Adp => "adp",
+            Self::Mse => "mse",
+        }
+    }
+
+    /// Whether the method trains a fake score (and probes the DMD loss).
+    pub fn uses_fake_score(self) -> bool {
+        matches!(self, Self::Adm | Self::Dmd)
+    }
+
+    /// Whether the method reads ODE pairs (a [`PairSource`]).
+    pub fn uses_pairs(self) -> bool {
+        matches!(self, Self::Adp | Self::Mse)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,7 +102,7 @@ pub struct EngineConfig {
     pub ttur: usize,
     /// ADM's flow step: delta_t = T / flow_divisions (paper: 64).
     pub flow_divisions: usize,
-    /// Discriminator taps on the teacher (ADM).
+    /// Discriminator taps on the teacher (ADM, ADP's latent discriminator).
     pub taps: Vec<String>,
     pub heads: ConvHeadConfig,
     /// DMD's re-noising timesteps (the DMD loss and the DMD probe).
@@ -78,6 +113,76 @@ pub struct EngineConfig {
     pub ema_decay: f64,
     pub checkpoint: CheckpointConfig,
     pub log: LogConfig,
+    /// ADP (and MSE's line times); defaults are METHOD.md's.
+    #[serde(default)]
+    pub adp: AdpConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdpConfig {
+    /// Generator line times on the pair's line (1 = x_T), from unit times: cubic
+    /// `1 - u^3` (biased to high noise). MSE draws its line times from it too.
+    pub generator_timesteps: TimestepDistribution,
+    /// Re-noising timesteps of the latent discriminator (uniform).
+    pub discriminator_timesteps: TimestepDistribution,
+    pub lambda_latent: f64,
+    pub lambda_pixel: f64,
+    /// Layers of the pixel feature extractor (e.g. SAM blocks) the caller builds it with;
+    /// one head per layer.
+    pub pixel_layers: Vec<usize>,
+    /// Heads on the pixel features (default: `heads`).
+    pub pixel_heads: Option<ConvHeadConfig>,
+}
+
+impl Default for AdpConfig {
+    fn default() -> Self {
+        Self {
+            generator_timesteps: TimestepDistribution::Cubic,
+            discriminator_timesteps: TimestepDistribution::Uniform { min: 0.0, max: 1.0 },
+            lambda_latent: 0.85,
+            lambda_pixel: 0.15,
+            pixel_layers: Vec::new(),
+            pixel_heads: None,
+        }
+    }
+}
+
+impl AdpConfig {
+    /// `method`: ADP checks everything, MSE only its line times.
+    fn validate(&self, method: EngineMethod) -> Result<()> {
+        self.generator_timesteps
+            .validate()
+            .context("engine.adp.generator_timesteps")?;
+        if method != EngineMethod::Adp {
+            return Ok(());
+        }
+        self.discriminator_timesteps
+            .validate()
+            .context("engine.adp.discriminator_timesteps")?;
+        for (name, v) in [
+            ("lambda_latent", self.lambda_latent),
+            ("lambda_pixel", self.lambda_pixel),
+        ] {
+            ensure!(
+                v.is_finite() && v >= 0.0,
+                "engine.adp.{name} must be finite and >= 0, got {v}"
+            );
+        }
+        ensure!(
+            self.lambda_latent + self.lambda_pixel > 0.0,
+            "engine.adp.lambda_latent and lambda_pixel are both 0: nothing trains the generator"
+        );
+        ensure!(
+            self.lambda_pixel == 0.0 || !self.pixel_layers.is_empty(),
+            "engine.adp.pixel_layers: lambda_pixel > 0 needs at least one pixel feature layer"
+        );
+        Ok(())
+    }
+
+    fn pixel_heads<'a>(&'a self, heads: &'a ConvHeadConfig) -> &'a ConvHeadConfig {
+        self.pixel_heads.as_ref().unwrap_or(heads)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,9 +238,11 @@ impl EngineConfig {
             "engine.student.steps must start at 1.0 and descend in (0, 1]"
         );
         ensure!(
-            self.method == EngineMethod::Dmd || !self.taps.is_empty(),
-            "engine.taps: ADM needs at least one discriminator tap"
+            !matches!(self.method, EngineMethod::Adm | EngineMethod::Adp) || !self.taps.is_empty(),
+            "engine.taps: {} needs at least one discriminator tap",
+            self.method.name()
         );
+        self.adp.validate(self.method)?;
         self.dmd_timesteps
             .validate()
             .context("engine.dmd_timesteps")?;
@@ -237,17 +344,131 @@ impl ConditionSource for ConditionBank {
 pub struct EngineNets<B> {
     pub teacher: Arc<dyn Backbone>,
     pub generator: Trainable<B>,
-    pub fake_score: Trainable<B>,
+    /// Required by ADM and DMD; ADP and MSE have none (pass `None`).
+    pub fake_score: Option<Trainable<B>>,
+    /// ADP's pixel discriminator backbone; may be `None` when `adp.lambda_pixel` is 0 (and
+    /// for the other methods).
+    pub pixel: Option<PixelNets>,
     /// config.json written beside the generator, its EMA and the fake score in checkpoints
     /// (e.g. the UNet's diffusers config), so each folder loads as a model.
     pub net_config: Option<serde_json::Value>,
 }
 
-/// ADM's discriminator: conv heads on the frozen teacher, and their optimiser.
+/// ADP's frozen pixel discriminator backbone: latents are decoded (a VAE, or the identity
+/// for pixel-space models), then read by the feature extractor (SAM, DINOv2) built with
+/// `adp.pixel_layers`.
+#[derive(Clone)]
+pub struct PixelNets {
+    pub decoder: Arc<dyn Decoder>,
+    pub extractor: Arc<dyn FeatureExtractor>,
+}
+
+/// Where training data comes from: conditions only (ADM, DMD) or ODE pairs (ADP, MSE; also
+/// usable by ADM and DMD, which then read only the stored conditions).
+pub enum EngineData {
+    Conditions(Box<dyn ConditionSource>),
+    Pairs(PairSource),
+}
+
+impl From<Box<dyn ConditionSource>> for EngineData {
+    fn from(source: Box<dyn ConditionSource>) -> Self {
+        Self::Conditions(source)
+    }
+}
+
+impl<S: ConditionSource + 'static> From<Box<S>> for EngineData {
+    fn from(source: Box<S>) -> Self {
+        Self::Conditions(source)
+    }
+}
+
+impl From<PairSource> for EngineData {
+    fn from(pairs: PairSource) -> Self {
+        Self::Pairs(pairs)
+    }
+}
+
+impl EngineData {
+    fn conditions(&self) -> &dyn ConditionSource {
+        match self {
+            Self::Conditions(source) => source.as_ref(),
+            Self::Pairs(pairs) => pairs,
+        }
+    }
+
+    fn conditions_mut(&mut self) -> &mut dyn ConditionSource {
+        match self {
+            Self::Conditions(source) => source.as_mut(),
+            Self::Pairs(pairs) => pairs,
+        }
+    }
+}
+
+/// The discriminator: conv heads on the frozen teacher (ADM; ADP's latent D_tau1), ADP's
+/// pixel discriminator D_tau2 (heads under `pixel.`), and one optimiser for all heads.
 struct Discriminator {
     heads: SeededVarMap,
     model: LatentDiscriminator,
+    pixel: Option<(Arc<dyn Decoder>, PixelDiscriminator)>,
     opt: Optimizer,
+}
+
+impl Discriminator {
+    fn pixel_logits(&self, x0: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match &self.pixel {
+            Some((decoder, model)) => Some(model.logits(&decoder.decode_latents(x0)?)?),
+            None => None,
+        })
+    }
+
+    /// `-(l1 D1(x~_t, t) + l2 D2(decode(x~_0)))`.
+    fn adp_generator_loss(
+        &self,
+        b: &AdpBatch,
+        schedule: &Schedule,
+        cfg: &AdpConfig,
+    ) -> Result<Tensor> {
+        let fake_t = schedule.add_noise(&b.fake_x0, &b.eps, &b.t)?;
+        let latent = self.model.logits(&fake_t, &b.t, &b.cond)?;
+        Ok(match self.pixel_logits(&b.fake_x0)? {
+            Some(pixel) => {
+                losses::adp_generator(&latent, &pixel, cfg.lambda_latent, cfg.lambda_pixel)?
+            }
+            None => losses::hinge_generator(&latent)?.affine(cfg.lambda_latent, 0.0)?,
+        })
+    }
+
+    /// The weighted hinge losses of both discriminators on real and detached fake samples.
+    fn adp_loss(&self, b: &AdpBatch, schedule: &Schedule, cfg: &AdpConfig) -> Result<Tensor> {
+        let fake_x0 = b.fake_x0.detach();
+        let real_t = schedule.add_noise(&b.x0, &b.eps, &b.t)?;
+        let fake_t = schedule.add_noise(&fake_x0, &b.eps, &b.t)?;
+        let latent_real = self.model.logits(&real_t, &b.t, &b.cond)?;
+        let latent_fake = self.model.logits(&fake_t, &b.t, &b.cond)?;
+        Ok(
+            match (self.pixel_logits(&b.x0)?, self.pixel_logits(&fake_x0)?) {
+                (Some(pixel_real), Some(pixel_fake)) => losses::adp_discriminator(
+                    &latent_real,
+                    &latent_fake,
+                    &pixel_real,
+                    &pixel_fake,
+                    cfg.lambda_latent,
+                    cfg.lambda_pixel,
+                )?,
+                _ => losses::hinge_discriminator(&latent_real, &latent_fake)?
+                    .affine(cfg.lambda_latent, 0.0)?,
+            },
+        )
+    }
+}
+
+/// One ADP micro-batch: the pairs' x_0, the generator's x~_0 and the shared re-noising.
+struct AdpBatch {
+    x0: Tensor,
+    fake_x0: Tensor,
+    cond: Condition,
+    t: Tensor,
+    eps: Tensor,
 }
 
 /// Fixed inputs on which the DMD loss is measured, so values at different steps compare.
@@ -264,15 +485,16 @@ pub struct Engine<B: Backbone> {
     run_dir: PathBuf,
     teacher: Arc<dyn Backbone>,
     student: Student<B>,
-    fake: Trainable<B>,
+    /// The fake score and its optimiser (ADM, DMD).
+    fake: Option<(Trainable<B>, Optimizer)>,
     net_config: Option<serde_json::Value>,
     discriminator: Option<Discriminator>,
     opt_g: Optimizer,
-    opt_f: Optimizer,
     ema: Ema,
-    source: Box<dyn ConditionSource>,
+    data: EngineData,
     checkpoints: Checkpoints,
-    probe: Probe,
+    /// The DMD probe (methods with a fake score).
+    probe: Option<Probe>,
     device: Device,
     /// Generator steps completed.
     step: usize,
@@ -280,7 +502,7 @@ pub struct Engine<B: Backbone> {
 
 /// Stats of one generator step, for the metrics row.
 struct StepRecord {
-    fake: StepStats,
+    fake: Option<StepStats>,
     generator: StepStats,
     discriminator: Option<StepStats>,
     dmd_probe: Option<f64>,
@@ -292,13 +514,20 @@ const FAKE_SCORE: &str = "fake_score";
 const DISCRIMINATOR: &str = "discriminator";
 
 impl<B: Backbone + 'static> Engine<B> {
+    /// `data`: a `Box` of any [`ConditionSource`] (ADM, DMD) or a [`PairSource`] (any
+    /// method; ADP and MSE need one).
     pub fn new(
         config: EngineConfig,
         run_dir: &Path,
         nets: EngineNets<B>,
-        source: Box<dyn ConditionSource>,
+        data: impl Into<EngineData>,
     ) -> Result<Self> {
         config.validate()?;
+        let data = data.into();
+        let method = config.method.name();
+        if config.method.uses_pairs() && !matches!(data, EngineData::Pairs(_)) {
+            bail!("engine.method = {method} trains on ODE pairs: pass a PairSource as its data");
+        }
         let device = nets
             .generator
             .varmap()
@@ -307,44 +536,77 @@ impl<B: Backbone + 'static> Engine<B> {
             .map(|v| v.device().clone())
             .context("the generator has no Var")?;
         let discriminator = match config.method {
-            EngineMethod::Dmd => None,
-            EngineMethod::Adm => {
+            EngineMethod::Dmd | EngineMethod::Mse => None,
+            EngineMethod::Adm | EngineMethod::Adp => {
                 let heads = SeededVarMap::new(derive_seed(config.seed, "discriminator-heads"));
+                let vb = heads.var_builder(DType::F32, &device);
                 let model = LatentDiscriminator::with_conv_heads(
                     nets.teacher.clone(),
                     &config.taps,
                     &config.heads,
-                    heads.var_builder(DType::F32, &device),
+                    vb.clone(),
                 )?;
+                let pixel = if config.method == EngineMethod::Adp && config.adp.lambda_pixel > 0.0 {
+                    let pixel = nets.pixel.clone().context(
+                        "engine.adp.lambda_pixel > 0 needs a pixel discriminator backbone \
+                         (EngineNets::pixel: decoder and feature extractor)",
+                    )?;
+                    let layers = pixel.extractor.feature_channels().len();
+                    ensure!(
+                        layers == config.adp.pixel_layers.len(),
+                        "engine.adp.pixel_layers names {} layers, the feature extractor gives {layers}",
+                        config.adp.pixel_layers.len()
+                    );
+                    let model = PixelDiscriminator::with_conv_heads(
+                        pixel.extractor,
+                        config.adp.pixel_heads(&config.heads),
+                        vb.pp("pixel"),
+                    )
+                    .context("engine.adp.pixel_heads")?;
+                    Some((pixel.decoder, model))
+                } else {
+                    None
+                };
                 let opt = Optimizer::with_config(
                     DISCRIMINATOR,
                     heads.varmap(),
                     config.discriminator.clone(),
                 )?;
-                Some(Discriminator { heads, model, opt })
+                Some(Discriminator {
+                    heads,
+                    model,
+                    pixel,
+                    opt,
+                })
             }
         };
         let opt_g =
             Optimizer::with_config(GENERATOR, nets.generator.varmap(), config.generator.clone())?;
-        let opt_f = Optimizer::with_config(
-            FAKE_SCORE,
-            nets.fake_score.varmap(),
-            config.fake_score.clone(),
-        )?;
+        let fake = if config.method.uses_fake_score() {
+            let fake = nets.fake_score.with_context(|| {
+                format!("engine.method = {method} needs a fake score (EngineNets::fake_score)")
+            })?;
+            let opt = Optimizer::with_config(FAKE_SCORE, fake.varmap(), config.fake_score.clone())?;
+            Some((fake, opt))
+        } else {
+            None
+        };
         let ema = Ema::new(nets.generator.varmap(), config.ema_decay)?;
-        let probe = {
+        let probe = if fake.is_some() {
             let n = config.log.probe_size;
             let mut rng = StdRng::seed_from_u64(derive_seed(config.seed, "dmd-probe"));
             let t = config
                 .dmd_timesteps
                 .sample(nets.teacher.schedule(), n, &mut rng);
-            Probe {
+            Some(Probe {
                 noise: adm_nn::randn(&mut rng, latent_dims(&config, n), &device)?,
-                cond: source.fixed(n)?,
+                cond: data.conditions().fixed(n)?,
                 t: per_sample(&t, &device)?,
                 eps: adm_nn::randn(&mut rng, latent_dims(&config, n), &device)?,
                 renoise_seed: derive_seed(config.seed, "dmd-probe-renoise"),
-            }
+            })
+        } else {
+            None
         };
         Ok(Self {
             checkpoints: Checkpoints::new(
@@ -356,15 +618,14 @@ impl<B: Backbone + 'static> Engine<B> {
                 output: config.student.output,
                 steps: config.student.steps.clone(),
             },
-            fake: nets.fake_score,
+            fake,
             teacher: nets.teacher,
             net_config: nets.net_config,
             run_dir: run_dir.to_path_buf(),
             discriminator,
             opt_g,
-            opt_f,
             ema,
-            source,
+            data,
             probe,
             device,
             step: 0,
@@ -385,11 +646,12 @@ impl<B: Backbone + 'static> Engine<B> {
         &self.student.model
     }
 
-    pub fn fake_score(&self) -> &Trainable<B> {
-        &self.fake
+    /// The fake score (ADM, DMD).
+    pub fn fake_score(&self) -> Option<&Trainable<B>> {
+        self.fake.as_ref().map(|(f, _)| f)
     }
 
-    /// The discriminator heads' Vars (ADM only).
+    /// The discriminator heads' Vars (ADM; ADP: latent heads, pixel heads under `pixel.`).
     pub fn discriminator_heads(&self) -> Option<&SeededVarMap> {
         self.discriminator.as_ref().map(|d| &d.heads)
     }
@@ -416,15 +678,18 @@ impl<B: Backbone + 'static> Engine<B> {
                 self.ema.varmap().clone(),
                 self.net_config.clone(),
             ),
-            (
-                FAKE_SCORE,
-                self.fake.varmap().clone(),
-                self.net_config.clone(),
-            ),
         ];
+        if let Some((fake, _)) = &self.fake {
+            nets.push((FAKE_SCORE, fake.varmap().clone(), self.net_config.clone()));
+        }
         if let Some(d) = &self.discriminator {
-            let config =
+            let mut config =
                 serde_json::json!({ "taps": self.config.taps, "heads": self.config.heads });
+            if d.pixel.is_some() {
+                let adp = &self.config.adp;
+                config["pixel_layers"] = serde_json::json!(adp.pixel_layers);
+                config["pixel_heads"] = serde_json::json!(adp.pixel_heads(&self.config.heads));
+            }
             nets.push((DISCRIMINATOR, d.heads.varmap().clone(), Some(config)));
         }
         nets
@@ -457,7 +722,10 @@ impl<B: Backbone + 'static> Engine<B> {
     /// nothing has changed.
     pub fn resume_from(&mut self, dir: &Path) -> Result<usize> {
         let maps = self.net_maps();
-        let mut optimizers = vec![&mut self.opt_g, &mut self.opt_f];
+        let mut optimizers = vec![&mut self.opt_g];
+        if let Some((_, opt)) = self.fake.as_mut() {
+            optimizers.push(opt);
+        }
         if let Some(d) = self.discriminator.as_mut() {
             optimizers.push(&mut d.opt);
         }
@@ -469,7 +737,7 @@ impl<B: Backbone + 'static> Engine<B> {
                 "resuming under a different seed: the run will not repeat the original"
             );
         }
-        self.source.seek(state.data_cursor)?;
+        self.data.conditions_mut().seek(state.data_cursor)?;
         self.step = state.step;
         tracing::info!(step = state.step, dir = %dir.display(), "resumed");
         Ok(state.step)
@@ -480,10 +748,13 @@ impl<B: Backbone + 'static> Engine<B> {
         let state = TrainerState::new(
             self.step,
             self.config.seed,
-            self.source.cursor(),
+            self.data.conditions().cursor(),
             serde_json::to_value(&self.config)?,
         );
-        let mut optimizers = vec![&self.opt_g, &self.opt_f];
+        let mut optimizers = vec![&self.opt_g];
+        if let Some((_, opt)) = &self.fake {
+            optimizers.push(opt);
+        }
         if let Some(d) = &self.discriminator {
             optimizers.push(&d.opt);
         }
@@ -502,13 +773,7 @@ impl<B: Backbone + 'static> Engine<B> {
         } else {
             MetricsLog::resume(&self.metrics_path(), self.step)?
         };
-        let bar = progress(
-            match self.config.method {
-                EngineMethod::Adm => "adm",
-                EngineMethod::Dmd => "dmd",
-            },
-            until,
-        );
+        let bar = progress(self.config.method.name(), until);
         bar.set_position(self.step as u64);
         let mut saved_at = None;
         while self.step < until {
@@ -516,15 +781,18 @@ impl<B: Backbone + 'static> Engine<B> {
             let record = self.train_step()?;
             self.step += 1;
             let per_sec = 1.0 / started.elapsed().as_secs_f64();
-            let mut row = vec![
-                ("loss_fake_score", record.fake.loss),
-                ("grad_norm_fake_score", record.fake.grad_norm),
+            let mut row = Vec::new();
+            if let Some(f) = &record.fake {
+                row.push(("loss_fake_score", f.loss));
+                row.push(("grad_norm_fake_score", f.grad_norm));
+            }
+            row.extend([
                 ("loss_generator", record.generator.loss),
                 ("grad_norm_generator", record.generator.grad_norm),
                 ("lr_generator", record.generator.learning_rate),
                 ("skipped_steps", self.skipped_steps() as f64),
                 ("steps_per_sec", per_sec),
-            ];
+            ]);
             if let Some(d) = &record.discriminator {
                 row.push(("loss_discriminator", d.loss));
                 row.push(("grad_norm_discriminator", d.grad_norm));
@@ -533,10 +801,11 @@ impl<B: Backbone + 'static> Engine<B> {
                 row.push(("dmd_probe", p));
             }
             log.record(self.step - 1, &row)?;
-            bar.set_message(format!(
-                "g {:.4} f {:.4}",
-                record.generator.loss, record.fake.loss
-            ));
+            bar.set_message(match (&record.fake, &record.discriminator) {
+                (Some(f), _) => format!("g {:.4} f {:.4}", record.generator.loss, f.loss),
+                (None, Some(d)) => format!("g {:.4} d {:.4}", record.generator.loss, d.loss),
+                (None, None) => format!("g {:.4}", record.generator.loss),
+            });
             bar.inc(1);
             if self.config.log.sample_every > 0
                 && self.step.is_multiple_of(self.config.log.sample_every)
@@ -558,7 +827,7 @@ impl<B: Backbone + 'static> Engine<B> {
 
     fn skipped_steps(&self) -> usize {
         self.opt_g.skipped()
-            + self.opt_f.skipped()
+            + self.fake.as_ref().map_or(0, |(_, opt)| opt.skipped())
             + self.discriminator.as_ref().map_or(0, |d| d.opt.skipped())
     }
 
@@ -568,31 +837,56 @@ impl<B: Backbone + 'static> Engine<B> {
             self.config.seed,
             &format!("step-{}", self.step),
         ));
+        match self.config.method {
+            EngineMethod::Adm | EngineMethod::Dmd => self.score_step(&mut rng),
+            EngineMethod::Adp => self.adp_step(&mut rng),
+            EngineMethod::Mse => self.mse_step(&mut rng),
+        }
+    }
+
+    /// ADM / DMD: fake score, generator (and EMA), DMD probe, discriminator (ADM).
+    fn score_step(&mut self, rng: &mut StdRng) -> Result<StepRecord> {
         let micro = self.config.grad_accumulation;
         let scale = 1.0 / micro as f64;
         let delta_t = self.teacher.schedule().delta_t(self.config.flow_divisions);
+        let (fake_net, opt_f) = self
+            .fake
+            .as_mut()
+            .context("ADM and DMD train a fake score")?;
 
         let mut fake = None;
         for _ in 0..self.config.ttur {
             for _ in 0..micro {
-                let (x0, cond) = self.student_batch(&mut rng)?;
+                let (x0, cond) = student_batch(
+                    &self.student,
+                    self.data.conditions_mut(),
+                    &self.config,
+                    &self.device,
+                    rng,
+                )?;
                 let x0 = x0.detach();
-                let (x_t, t, eps) = score::noised(self.teacher.schedule(), &x0, 0.0, &mut rng)?;
+                let (x_t, t, eps) = score::noised(self.teacher.schedule(), &x0, 0.0, rng)?;
                 let loss =
-                    score::fake_score_loss(self.fake.net.as_ref(), &x0, (&x_t, &t, &eps), &cond)?;
-                self.opt_f.accumulate(&loss, scale)?;
+                    score::fake_score_loss(fake_net.net.as_ref(), &x0, (&x_t, &t, &eps), &cond)?;
+                opt_f.accumulate(&loss, scale)?;
             }
-            fake = Some(self.opt_f.apply()?);
+            fake = Some(opt_f.apply()?);
         }
+        let fake_net = fake_net.net.clone();
 
         for _ in 0..micro {
-            let (x0, cond) = self.student_batch(&mut rng)?;
+            let (x0, cond) = student_batch(
+                &self.student,
+                self.data.conditions_mut(),
+                &self.config,
+                &self.device,
+                rng,
+            )?;
             let loss = match &self.discriminator {
                 Some(d) => {
-                    let (x_t, t, _) =
-                        score::noised(self.teacher.schedule(), &x0, delta_t, &mut rng)?;
+                    let (x_t, t, _) = score::noised(self.teacher.schedule(), &x0, delta_t, rng)?;
                     score::adm_generator_loss(
-                        self.fake.net.as_ref(),
+                        fake_net.as_ref(),
                         &d.model,
                         &x_t,
                         &t,
@@ -605,13 +899,13 @@ impl<B: Backbone + 'static> Engine<B> {
                     let t = self
                         .config
                         .dmd_timesteps
-                        .sample(self.teacher.schedule(), n, &mut rng);
+                        .sample(self.teacher.schedule(), n, rng);
                     let t = per_sample(&t, &self.device)?;
-                    let eps = adm_nn::randn(&mut rng, x0.shape(), &self.device)?;
+                    let eps = adm_nn::randn(rng, x0.shape(), &self.device)?;
                     score::dmd_loss(
                         self.teacher.as_ref(),
                         self.config.cfg_scale,
-                        self.fake.net.as_ref(),
+                        fake_net.as_ref(),
                         &x0,
                         &cond,
                         &t,
@@ -627,7 +921,7 @@ impl<B: Backbone + 'static> Engine<B> {
         }
 
         let dmd_probe = if self.step.is_multiple_of(self.config.log.probe_every) {
-            Some(self.probe_dmd_loss()?)
+            self.probe_dmd_loss()?
         } else {
             None
         };
@@ -638,17 +932,17 @@ impl<B: Backbone + 'static> Engine<B> {
                 for _ in 0..micro {
                     let (x0, cond) = student_batch(
                         &self.student,
-                        self.source.as_mut(),
+                        self.data.conditions_mut(),
                         &self.config,
                         &self.device,
-                        &mut rng,
+                        rng,
                     )?;
                     let (x_t, t, _) =
-                        score::noised(self.teacher.schedule(), &x0.detach(), delta_t, &mut rng)?;
+                        score::noised(self.teacher.schedule(), &x0.detach(), delta_t, rng)?;
                     let loss = score::adm_discriminator_loss(
                         self.teacher.as_ref(),
                         self.config.cfg_scale,
-                        self.fake.net.as_ref(),
+                        fake_net.as_ref(),
                         &d.model,
                         &x_t,
                         &t,
@@ -661,38 +955,118 @@ impl<B: Backbone + 'static> Engine<B> {
             }
         }
         Ok(StepRecord {
-            fake: fake.expect("ttur > 0"),
+            fake,
             generator,
             discriminator,
             dmd_probe,
         })
     }
 
-    fn student_batch(&mut self, rng: &mut StdRng) -> Result<(Tensor, Condition)> {
-        student_batch(
-            &self.student,
-            self.source.as_mut(),
-            &self.config,
-            &self.device,
-            rng,
-        )
+    /// The next pairs and the generator's x~_0 from their line points at line times drawn
+    /// from `adp.generator_timesteps`: (pairs' x_0, x~_0 with gradient, condition).
+    fn line_batch(&mut self, rng: &mut StdRng) -> Result<(Tensor, Tensor, Condition)> {
+        let EngineData::Pairs(pairs) = &mut self.data else {
+            bail!("ADP and MSE train on ODE pairs");
+        };
+        let n = self.config.batch_size;
+        let p = pairs.next_pairs(n)?;
+        let s = self.config.adp.generator_timesteps.sample_unit(n, rng);
+        let fake_x0 =
+            self.student
+                .x0_from_line(&line_point(&p.sample, &p.noise, &s)?, &s, &p.cond)?;
+        Ok((p.sample, fake_x0, p.cond))
     }
 
-    /// The DMD loss of the current generator on the fixed probe set.
-    pub fn probe_dmd_loss(&self) -> Result<f64> {
-        let p = &self.probe;
+    /// ADP: generator update (then the EMA), then a discriminator update on the same
+    /// micro-batches with detached fakes.
+    fn adp_step(&mut self, rng: &mut StdRng) -> Result<StepRecord> {
+        let micro = self.config.grad_accumulation;
+        let scale = 1.0 / micro as f64;
+        let mut batches = Vec::with_capacity(micro);
+        for _ in 0..micro {
+            let (x0, fake_x0, cond) = self.line_batch(rng)?;
+            let n = x0.dim(0)?;
+            let t = self
+                .config
+                .adp
+                .discriminator_timesteps
+                .sample(self.teacher.schedule(), n, rng);
+            let batch = AdpBatch {
+                t: per_sample(&t, &self.device)?,
+                eps: adm_nn::randn(rng, x0.shape(), &self.device)?,
+                x0,
+                fake_x0,
+                cond,
+            };
+            let d = self
+                .discriminator
+                .as_ref()
+                .context("ADP has a discriminator")?;
+            let loss = d.adp_generator_loss(&batch, self.teacher.schedule(), &self.config.adp)?;
+            self.opt_g.accumulate(&loss, scale)?;
+            batches.push(AdpBatch {
+                fake_x0: batch.fake_x0.detach(),
+                ..batch
+            });
+        }
+        let generator = self.opt_g.apply()?;
+        if !generator.skipped {
+            self.ema.update()?;
+        }
+        let d = self
+            .discriminator
+            .as_mut()
+            .context("ADP has a discriminator")?;
+        for batch in &batches {
+            let loss = d.adp_loss(batch, self.teacher.schedule(), &self.config.adp)?;
+            d.opt.accumulate(&loss, scale)?;
+        }
+        Ok(StepRecord {
+            fake: None,
+            generator,
+            discriminator: Some(d.opt.apply()?),
+            dmd_probe: None,
+        })
+    }
+
+    /// MSE: regression of the pairs' x_0 (rectified-flow / DMD2 pre-training, the ablation).
+    fn mse_step(&mut self, rng: &mut StdRng) -> Result<StepRecord> {
+        let micro = self.config.grad_accumulation;
+        for _ in 0..micro {
+            let (x0, fake_x0, _) = self.line_batch(rng)?;
+            let loss = losses::mse(&fake_x0, &x0)?;
+            self.opt_g.accumulate(&loss, 1.0 / micro as f64)?;
+        }
+        let generator = self.opt_g.apply()?;
+        if !generator.skipped {
+            self.ema.update()?;
+        }
+        Ok(StepRecord {
+            fake: None,
+            generator,
+            discriminator: None,
+            dmd_probe: None,
+        })
+    }
+
+    /// The DMD loss of the current generator on the fixed probe set (methods with a fake
+    /// score; `None` for the others).
+    pub fn probe_dmd_loss(&self) -> Result<Option<f64>> {
+        let (Some(p), Some((fake, _))) = (&self.probe, &self.fake) else {
+            return Ok(None);
+        };
         let mut renoise = StdRng::seed_from_u64(p.renoise_seed);
         let x0 = self.student.sample(&p.noise, &p.cond, &mut renoise)?;
         let loss = score::dmd_loss(
             self.teacher.as_ref(),
             self.config.cfg_scale,
-            self.fake.net.as_ref(),
+            fake.net.as_ref(),
             &x0,
             &p.cond,
             &p.t,
             &p.eps,
         )?;
-        Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        Ok(Some(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?))
     }
 
     /// `samples/step-{N:08}.png`: the generator's samples from fixed noise and conditions,
@@ -702,7 +1076,7 @@ impl<B: Backbone + 'static> Engine<B> {
         let n = self.config.log.sample_count;
         let mut rng = StdRng::seed_from_u64(derive_seed(self.config.seed, "sample-noise"));
         let noise = adm_nn::randn(&mut rng, latent_dims(&self.config, n), &self.device)?;
-        let cond = self.source.fixed(n)?;
+        let cond = self.data.conditions().fixed(n)?;
         let x0 = self.student.sample(&noise, &cond, &mut rng)?;
         let dims = x0.dims().to_vec();
         let grid_dims = match dims.as_slice() {
@@ -793,6 +1167,10 @@ mod tests {
         discriminator = { learning_rate = 5e-7, grad_clip = 10.0, weight_decay = 0.01 }
         checkpoint = { every = 500, keep_last = 3 }
         log = { probe_every = 50, probe_size = 8, sample_every = 250, sample_count = 4 }
+
+        [adp]
+        pixel_layers = [2, 5, 8, 11]
+        pixel_heads = { dims = "2d", layers = 1, channels = 128, groups = 32 }
     "#;
 
     #[test]
@@ -811,10 +1189,53 @@ mod tests {
         bad.student.steps = vec![0.5, 1.0];
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("engine.student.steps"), "{err}");
-        let mut bad = cfg;
+        let mut bad = cfg.clone();
         bad.discriminator.grad_clip = 0.0;
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("engine.discriminator"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn adp_config_has_method_defaults_and_bad_values_are_named() -> Result<()> {
+        let cfg: EngineConfig = toml::from_str(&TOML.replace("\"adm\"", "\"adp\""))?;
+        cfg.validate()?;
+        assert_eq!(cfg.adp.generator_timesteps, TimestepDistribution::Cubic);
+        assert_eq!(
+            cfg.adp.discriminator_timesteps,
+            TimestepDistribution::Uniform { min: 0.0, max: 1.0 }
+        );
+        assert_eq!((cfg.adp.lambda_latent, cfg.adp.lambda_pixel), (0.85, 0.15));
+        assert_eq!(cfg.adp.pixel_layers, [2, 5, 8, 11]);
+        assert_eq!(cfg.adp.pixel_heads(&cfg.heads).channels, 128);
+        // Without the table: the defaults, pixel heads as the latent ones.
+        let plain: EngineConfig = toml::from_str(TOML.split("[adp]").next().unwrap())?;
+        assert_eq!(plain.adp.pixel_heads(&plain.heads), &plain.heads);
+
+        let named = |edit: fn(&mut AdpConfig)| {
+            let mut bad = cfg.clone();
+            edit(&mut bad.adp);
+            bad.validate().unwrap_err().to_string()
+        };
+        let err = named(|a| a.lambda_pixel = -0.1);
+        assert!(err.contains("engine.adp.lambda_pixel"), "{err}");
+        let err = named(|a| a.lambda_latent = f64::NAN);
+        assert!(err.contains("engine.adp.lambda_latent"), "{err}");
+        let err = named(|a| a.pixel_layers.clear());
+        assert!(err.contains("engine.adp.pixel_layers"), "{err}");
+        let err = named(|a| {
+            a.discriminator_timesteps = TimestepDistribution::Uniform { min: 0.5, max: 0.2 }
+        });
+        assert!(err.contains("engine.adp.discriminator_timesteps"), "{err}");
+        let err = toml::from_str::<EngineConfig>(&TOML.replace("pixel_layers", "pixel_layer"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pixel_layer"), "{err}");
+        // With lambda_pixel = 0 no pixel layers are needed.
+        let mut latent_only = cfg;
+        latent_only.adp.lambda_pixel = 0.0;
+        latent_only.adp.pixel_layers.clear();
+        latent_only.validate()?;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ pub mod ema;
 pub mod engine;
 pub mod metrics;
 pub mod optim;
+pub mod pairs;
 pub mod pipeline;
 pub mod score;
 pub mod student;

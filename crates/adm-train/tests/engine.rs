@@ -7,17 +7,21 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use adm_data::store::{ConditionSpec, PairBatch, StoreDtype, StoreReader, StoreSpec, StoreWriter};
 use adm_diffusion::{Schedule, ScheduleConfig, TimestepDistribution};
+use adm_models::sam::{SamFeatureExtractor, SamVisionEncoder};
 use adm_models::unet_2d::{Config, OneOrMany, UNet2DConditionModel, UNetBackbone};
+use adm_models::vae::AutoencoderKL;
 use adm_models::{varmap_tensors, Condition, ConvHeadConfig, HeadDims};
 use adm_nn::SeededVarMap;
 use adm_train::checkpoint::{step_dir_name, WEIGHTS_FILE};
 use adm_train::config::StudentOutput;
 use adm_train::engine::{
-    CheckpointConfig, ConditionBank, Engine, EngineConfig, EngineMethod, EngineNets, EngineStudent,
-    LogConfig,
+    AdpConfig, CheckpointConfig, ConditionBank, ConditionSource, Engine, EngineConfig,
+    EngineMethod, EngineNets, EngineStudent, LogConfig, PixelNets,
 };
 use adm_train::optim::OptimizerConfig;
+use adm_train::pairs::PairSource;
 use adm_train::student::Trainable;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -71,7 +75,8 @@ fn nets(cfg: &Config) -> Result<(HashMap<String, Tensor>, EngineNets<UNetBackbon
     let nets = EngineNets {
         teacher: Arc::new(teacher),
         generator: trainable(1)?,
-        fake_score: trainable(2)?,
+        fake_score: Some(trainable(2)?),
+        pixel: None,
         net_config: Some(serde_json::to_value(cfg)?),
     };
     Ok((weights, nets))
@@ -153,6 +158,10 @@ fn engine_config(method: EngineMethod, steps: usize, checkpoint_every: usize) ->
             sample_every: 2,
             sample_count: 2,
         },
+        adp: AdpConfig {
+            pixel_layers: vec![0, 1],
+            ..AdpConfig::default()
+        },
     }
 }
 
@@ -230,12 +239,12 @@ fn adm_moves_every_trainable_var_and_never_the_teacher() -> Result<()> {
         Box::new(conditions()?),
     )?;
     let generator = snapshot(engine.generator().varmap());
-    let fake = snapshot(engine.fake_score().varmap());
+    let fake = snapshot(engine.fake_score().unwrap().varmap());
     let heads = snapshot(engine.discriminator_heads().unwrap().varmap());
     let ema = snapshot(engine.ema().varmap());
     engine.train(2)?;
     assert_every_var_moved("generator", &generator, engine.generator().varmap());
-    assert_every_var_moved("fake score", &fake, engine.fake_score().varmap());
+    assert_every_var_moved("fake score", &fake, engine.fake_score().unwrap().varmap());
     assert_every_var_moved(
         "discriminator heads",
         &heads,
@@ -299,10 +308,10 @@ fn dmd_moves_the_generator_and_fake_score() -> Result<()> {
     let mut engine = engine(EngineMethod::Dmd, 1, 10, &dir)?;
     assert!(engine.discriminator_heads().is_none());
     let generator = snapshot(engine.generator().varmap());
-    let fake = snapshot(engine.fake_score().varmap());
+    let fake = snapshot(engine.fake_score().unwrap().varmap());
     engine.train(1)?;
     assert_every_var_moved("generator", &generator, engine.generator().varmap());
-    assert_every_var_moved("fake score", &fake, engine.fake_score().varmap());
+    assert_every_var_moved("fake score", &fake, engine.fake_score().unwrap().varmap());
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -473,6 +482,304 @@ fn bad_checkpoints_fail_clearly_and_leave_the_previous_one_loadable() -> Result<
     for (name, t) in &on_disk {
         assert_eq!(max_change(&loaded, name, t), 0.0, "{name}");
     }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+// ADP and MSE on ODE pairs from a store.
+
+/// A store of `n` ODE pairs for the tiny UNet: Gaussian x_T, a "teacher sample" that is a
+/// fixed function of it, and the conditions of [`conditions`] (rows cycled), negatives
+/// included.
+fn pair_store(dir: &Path, n: usize) -> Result<Arc<StoreReader>> {
+    let _ = std::fs::remove_dir_all(dir);
+    let cond = conditions()?.fixed(n)?;
+    let spec = StoreSpec {
+        teacher: "tiny-unet".into(),
+        schedule: "sdxl".into(),
+        solver: "ddim".into(),
+        steps: 4,
+        cfg_scale: 3.0,
+        seed: 0,
+        dtype: StoreDtype::F32,
+        noise_shape: vec![4, 8, 8],
+        sample_shape: vec![4, 8, 8],
+        conditions: cond
+            .iter()
+            .map(|(name, t)| {
+                let shape = t.dims()[1..].to_vec();
+                let dtype = StoreDtype::F32;
+                (name.to_string(), ConditionSpec { shape, dtype })
+            })
+            .collect(),
+        shard_size: 4,
+        partition: Default::default(),
+    };
+    let mut writer = StoreWriter::open(dir, spec)?;
+    let noise = adm_nn::randn(&mut StdRng::seed_from_u64(11), (n, 4, 8, 8), &Device::Cpu)?;
+    let indices = writer.next_indices(n, n as u64);
+    writer.append(PairBatch {
+        sample: (&noise * 0.5)?.tanh()?,
+        noise,
+        conditions: cond
+            .iter()
+            .map(|(name, t)| (name.to_string(), t.clone()))
+            .collect(),
+        prompts: (0..n).map(|i| format!("prompt {i}")).collect(),
+        indices,
+    })?;
+    writer.finish()?;
+    Ok(Arc::new(StoreReader::open(dir)?))
+}
+
+/// ADP's pixel discriminator backbone: a random frozen one-block VAE decoder (8x8 latents to
+/// 8x8 RGB) and a random frozen two-layer SAM read after both layers; and its weights.
+fn pixel_nets() -> Result<(HashMap<String, Tensor>, PixelNets)> {
+    let vae_cfg: adm_models::vae::Config = serde_json::from_value(serde_json::json!({
+        "block_out_channels": [8], "norm_num_groups": 4, "latent_channels": 4
+    }))?;
+    let sam_cfg = adm_models::sam::Config {
+        hidden_size: 8,
+        output_channels: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        image_size: 8,
+        patch_size: 2,
+        mlp_dim: Some(16),
+        window_size: 2,
+        global_attn_indexes: vec![1],
+        ..Default::default()
+    };
+    let build = |vb: VarBuilder| -> candle_core::Result<(AutoencoderKL, SamVisionEncoder)> {
+        Ok((
+            AutoencoderKL::decoder_only(vb.pp("vae"), &vae_cfg)?,
+            SamVisionEncoder::new(vb.pp("sam"), &sam_cfg)?,
+        ))
+    };
+    let seeded = SeededVarMap::new(9);
+    build(seeded.var_builder(DType::F32, &Device::Cpu))?;
+    let weights: HashMap<String, Tensor> = varmap_tensors(seeded.varmap())
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().copy().unwrap()))
+        .collect();
+    let (vae, sam) = build(VarBuilder::from_tensors(
+        weights.clone(),
+        DType::F32,
+        &Device::Cpu,
+    ))?;
+    let extractor = SamFeatureExtractor::new(Arc::new(sam), &[0, 1])?;
+    Ok((
+        weights,
+        PixelNets {
+            decoder: Arc::new(vae),
+            extractor: Arc::new(extractor),
+        },
+    ))
+}
+
+/// The frozen weights an ADP / MSE engine must leave alone: the teacher's and the pixel
+/// backbone's (ADP).
+struct Frozen {
+    teacher: HashMap<String, Tensor>,
+    pixel: HashMap<String, Tensor>,
+}
+
+fn pair_engine(
+    config: EngineConfig,
+    dir: &Path,
+    store: &Arc<StoreReader>,
+) -> Result<(Frozen, Engine<UNetBackbone>)> {
+    let (teacher, mut nets) = nets(&tiny_unet_config())?;
+    nets.fake_score = None;
+    let (pixel, pixel_nets) = pixel_nets()?;
+    if config.method == EngineMethod::Adp {
+        nets.pixel = Some(pixel_nets);
+    }
+    let pairs = PairSource::new(store.clone(), 13, &Device::Cpu)?;
+    let engine = Engine::new(config, dir, nets, pairs)?;
+    Ok((Frozen { teacher, pixel }, engine))
+}
+
+fn copies(weights: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    weights
+        .iter()
+        .map(|(n, t)| (n.clone(), t.copy().unwrap()))
+        .collect()
+}
+
+fn assert_unchanged(what: &str, before: &HashMap<String, Tensor>, now: &HashMap<String, Tensor>) {
+    for (name, t) in now {
+        assert_eq!(
+            max_change(before, name, t),
+            0.0,
+            "{what} tensor {name} changed"
+        );
+    }
+}
+
+fn metric_rows(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn adp_moves_the_generator_and_every_head_but_no_frozen_network() -> Result<()> {
+    let dir = run_dir("adp");
+    let store = pair_store(&dir.join("store"), 5)?;
+    let (frozen, mut engine) = pair_engine(engine_config(EngineMethod::Adp, 2, 10), &dir, &store)?;
+    assert!(engine.fake_score().is_none());
+    let (teacher, pixel) = (copies(&frozen.teacher), copies(&frozen.pixel));
+    let heads_map = engine.discriminator_heads().unwrap().varmap();
+    let names: Vec<String> = varmap_tensors(heads_map).into_keys().collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("pixel."))
+            && names.iter().any(|n| !n.starts_with("pixel.")),
+        "latent and pixel heads: {names:?}"
+    );
+    let heads = snapshot(heads_map);
+    let generator = snapshot(engine.generator().varmap());
+    engine.train(2)?;
+    assert_every_var_moved("generator", &generator, engine.generator().varmap());
+    assert_every_var_moved(
+        "latent and pixel discriminator heads",
+        &heads,
+        engine.discriminator_heads().unwrap().varmap(),
+    );
+    assert_unchanged("teacher", &teacher, &frozen.teacher);
+    assert_unchanged("pixel backbone", &pixel, &frozen.pixel);
+
+    let rows = metric_rows(&engine.metrics_path());
+    assert_eq!(rows.len(), 2);
+    for key in [
+        "loss_generator",
+        "grad_norm_generator",
+        "loss_discriminator",
+        "grad_norm_discriminator",
+    ] {
+        assert!(
+            rows.iter()
+                .all(|r| r[key].as_f64().is_some_and(f64::is_finite)),
+            "{key}"
+        );
+    }
+    assert!(rows.iter().all(|r| r.get("loss_fake_score").is_none()));
+    // No fake score is built or saved; the discriminator holds both head sets.
+    let ckpt = dir.join("checkpoints").join(step_dir_name(2));
+    assert!(!ckpt.join("fake_score").exists());
+    let saved = candle_core::safetensors::load(
+        ckpt.join("discriminator").join(WEIGHTS_FILE),
+        &Device::Cpu,
+    )?;
+    assert_eq!(saved.len(), names.len());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn mse_loss_falls_and_every_generator_var_moves() -> Result<()> {
+    let dir = run_dir("mse");
+    // Two pairs and a fixed line time (s = 0.5): every step sees the same regression problem,
+    // so the loss is a function of the weights alone.
+    let store = pair_store(&dir.join("store"), 2)?;
+    let mut config = engine_config(EngineMethod::Mse, 6, 10);
+    config.adp.generator_timesteps = TimestepDistribution::Uniform { min: 0.5, max: 0.5 };
+    let (_, mut engine) = pair_engine(config, &dir, &store)?;
+    assert!(engine.discriminator_heads().is_none() && engine.fake_score().is_none());
+    let generator = snapshot(engine.generator().varmap());
+    engine.train(6)?;
+    assert_every_var_moved("generator", &generator, engine.generator().varmap());
+    let loss: Vec<f64> = metric_rows(&engine.metrics_path())
+        .iter()
+        .map(|r| r["loss_generator"].as_f64().unwrap())
+        .collect();
+    println!("mse losses: {loss:?}");
+    assert!(
+        loss.windows(2).all(|w| w[1] < w[0]) && loss[5] < 0.9 * loss[0],
+        "the MSE loss did not fall: {loss:?}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn killed_and_resumed_adp_run_repeats_the_uninterrupted_one() -> Result<()> {
+    let (steps, every) = (4, 2);
+    let root = run_dir("adp-resume");
+    // Five pairs: a step reads four, so a lost pair cursor shows.
+    let store = pair_store(&root.join("store"), 5)?;
+    let config = engine_config(EngineMethod::Adp, steps, every);
+    let (whole, parts) = (root.join("whole"), root.join("parts"));
+    pair_engine(config.clone(), &whole, &store)?
+        .1
+        .train(steps)?;
+    {
+        let (_, mut first) = pair_engine(config.clone(), &parts, &store)?;
+        first.train(every)?;
+    }
+    let (_, mut second) = pair_engine(config, &parts, &store)?;
+    assert_eq!(second.resume()?, Some(every));
+    second.train(steps)?;
+
+    let (a, b) = (
+        losses(&whole.join("metrics.jsonl")),
+        losses(&parts.join("metrics.jsonl")),
+    );
+    assert_eq!(a.len(), steps);
+    assert_eq!(a, b, "the resumed run's metrics differ");
+    let last = step_dir_name(steps);
+    let (fa, fb) = (
+        file_bytes(&whole.join("checkpoints").join(&last)),
+        file_bytes(&parts.join("checkpoints").join(&last)),
+    );
+    assert_eq!(
+        fa.len(),
+        4,
+        "generator, its EMA, the discriminator heads and the optimiser state"
+    );
+    for ((name, x), (_, y)) in fa.iter().zip(&fb) {
+        assert!(x == y, "{name} differs between the runs");
+    }
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+#[test]
+fn methods_without_their_networks_or_data_fail_clearly() -> Result<()> {
+    let dir = run_dir("missing");
+    let store = pair_store(&dir.join("store"), 2)?;
+    let cfg = tiny_unet_config();
+    // ADP needs pairs, not a condition bank.
+    let (_, nets_a) = nets(&cfg)?;
+    let err = Engine::new(
+        engine_config(EngineMethod::Adp, 1, 1),
+        &dir,
+        nets_a,
+        Box::new(conditions()?),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("adp") && err.contains("PairSource"), "{err}");
+    // ADP with lambda_pixel > 0 needs the pixel backbone.
+    let (_, nets_b) = nets(&cfg)?;
+    let pairs = PairSource::new(store.clone(), 0, &Device::Cpu)?;
+    let err = Engine::new(engine_config(EngineMethod::Adp, 1, 1), &dir, nets_b, pairs)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("engine.adp.lambda_pixel"), "{err}");
+    // ADM needs a fake score; it may read its conditions from the store.
+    let (_, mut nets_c) = nets(&cfg)?;
+    nets_c.fake_score = None;
+    let pairs = PairSource::new(store, 0, &Device::Cpu)?;
+    let err = Engine::new(engine_config(EngineMethod::Adm, 1, 1), &dir, nets_c, pairs)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("fake score"), "{err}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
