@@ -49,7 +49,7 @@ impl Scored {
         );
         ensure!(
             !self.probs.is_empty()
-                && self.probs.len() % self.num_classes == 0
+                && self.probs.len().is_multiple_of(self.num_classes)
                 && self.features.len() == self.len() * self.feature_dim,
             "{what}: {} probabilities and {} features do not fit {} classes x {} features",
             self.probs.len(),
@@ -104,7 +104,7 @@ pub fn digits_metrics(
     teacher.validate("teacher samples")?;
     let n = requested.len();
     ensure!(
-        scored.len() == n && n > 0 && pixels.len() % n == 0,
+        scored.len() == n && n > 0 && pixels.len().is_multiple_of(n),
         "samples: {} requested classes, {} scored samples, {} pixel values",
         n,
         scored.len(),
@@ -243,7 +243,11 @@ fn mean_cov(x: &[f32], d: usize) -> (Vec<f64>, Vec<f64>) {
 /// The Fréchet distance between Gaussians fitted to two feature sets (`* d` row-major).
 pub fn frechet_distance(a: &[f32], b: &[f32], d: usize) -> Result<f64> {
     ensure!(
-        d > 0 && !a.is_empty() && !b.is_empty() && a.len() % d == 0 && b.len() % d == 0,
+        d > 0
+            && !a.is_empty()
+            && !b.is_empty()
+            && a.len().is_multiple_of(d)
+            && b.len().is_multiple_of(d),
         "frechet_distance: feature sets of {} and {} values do not have rows of {d}",
         a.len(),
         b.len()

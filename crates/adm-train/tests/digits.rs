@@ -29,8 +29,12 @@ fn tiny_config(run_dir: &Path, extra: &[&str]) -> DigitsRunConfig {
         "adm.steps=2",
         "classifier.steps=30",
         "eval.samples_per_class=3",
-        "eval.probe_every=1",
-        "eval.probe_size=4",
+        "probe.every=1",
+        "probe.size=4",
+        "mse.steps=2",
+        "adp.steps=2",
+        "adp.heads={ dims = \"2d\", layers = 1, channels = 8, groups = 4 }",
+        "adp.sam_hidden=4",
         "eval.grid_rows=1",
     ]
     .iter()
@@ -66,9 +70,9 @@ fn the_digits_job_runs_caches_and_retrains_what_changed() {
     let first = run_digits(tiny_config(&dir, &[])).unwrap();
 
     let names: Vec<&str> = first.rows.iter().map(|r| r.method.as_str()).collect();
-    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names.len(), 7, "{names:?}");
     assert!(names[0].starts_with("real digits") && names[1].starts_with("teacher"));
-    assert_eq!(&names[2..], ["dmd", "adm"]);
+    assert_eq!(&names[2..], ["mse", "adp", "dmd", "adm", "dmdx"]);
     for row in &first.rows {
         let m = &row.metrics;
         assert!(
@@ -83,9 +87,15 @@ fn the_digits_job_runs_caches_and_retrains_what_changed() {
     // The real digits are classified by a classifier trained on other real digits.
     assert!(first.rows[0].metrics.accuracy > 0.5, "{:?}", first.rows[0]);
     assert!(first.classifier_test_accuracy > 0.5);
-    // Every generator step of DMD and ADM probed the DMD loss.
+    // Every generator step of DMD and ADM (and DMDX's ADM stage) probed the DMD loss;
+    // the pair-trained stages have no fake score to probe with.
     for row in &first.rows[2..] {
-        assert_eq!(row.dmd_trace.len(), 2, "{}", row.method);
+        let probes = if row.method.starts_with("mse") || row.method == "adp" {
+            0
+        } else {
+            2
+        };
+        assert_eq!(row.dmd_trace.len(), probes, "{}", row.method);
     }
     for file in [
         "teacher.safetensors",
@@ -93,6 +103,9 @@ fn the_digits_job_runs_caches_and_retrains_what_changed() {
         "ode-pairs/manifest.json",
         "methods/dmd/metrics.jsonl",
         "methods/adm/metrics.jsonl",
+        "methods/adp/metrics.jsonl",
+        "methods/dmdx/metrics.jsonl",
+        "methods/mse/metrics.jsonl",
         "metrics.json",
         "samples.png",
         "logs/teacher.jsonl",
@@ -109,8 +122,11 @@ fn the_digits_job_runs_caches_and_retrains_what_changed() {
         [
             "teacher.safetensors",
             "classifier.safetensors",
+            "ode-pairs/manifest.json",
             "methods/dmd/metrics.jsonl",
+            "methods/adp/metrics.jsonl",
             "methods/adm/metrics.jsonl",
+            "methods/dmdx/metrics.jsonl",
         ]
         .map(|f| modified(d.join(f)))
     };
@@ -119,13 +135,17 @@ fn the_digits_job_runs_caches_and_retrains_what_changed() {
     assert_eq!(numbers(&first), numbers(&again));
     assert_eq!(before, stamps(&dir));
 
-    // A changed ADM setting retrains ADM only.
+    // A changed ADM setting retrains ADM and DMDX's ADM stage only.
     let changed = run_digits(tiny_config(&dir, &["adm.steps=3"])).unwrap();
     let after = stamps(&dir);
-    assert_eq!(before[..3], after[..3]);
-    assert_ne!(before[3], after[3]);
-    assert_eq!(changed.rows[2].metrics, first.rows[2].metrics);
-    assert_eq!(changed.rows[3].dmd_trace.len(), 3);
+    assert_eq!(before[..5], after[..5]);
+    assert_ne!(before[5], after[5]);
+    assert_ne!(before[6], after[6]);
+    for row in 2..5 {
+        assert_eq!(changed.rows[row].metrics, first.rows[row].metrics);
+    }
+    assert_eq!(changed.rows[5].dmd_trace.len(), 3);
+    assert_eq!(changed.rows[6].dmd_trace.len(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -123,7 +123,6 @@ mod tests {
             steps: 300,
             batch_size: 64,
             learning_rate: 3e-3,
-            test_size: 300,
         }
     }
 

@@ -2,13 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use adm_diffusion::ScheduleConfig;
+use adm_diffusion::{ScheduleConfig, TimestepDistribution};
 use adm_models::unet_2d::Config as UNetConfig;
 use adm_models::ConvHeadConfig;
 use anyhow::{bail, ensure, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{parse_toml, DmdConfig, StudentOutput, TeacherConfig};
+use crate::config::{parse_toml, DmdConfig, MseConfig, StudentOutput, TeacherConfig};
 
 /// The value of the top-level `job` key that selects this job.
 pub const JOB: &str = "toy-digits";
@@ -22,13 +22,17 @@ pub struct DigitsRunConfig {
     pub run_dir: PathBuf,
     /// Rows of the results table, in order.
     pub methods: Vec<DigitsMethod>,
+    pub data: DigitsDataConfig,
     pub schedule: ScheduleConfig,
     pub model: DigitsModelConfig,
     pub teacher: TeacherConfig,
     pub ode_pairs: DigitsPairsConfig,
     pub student: DigitsStudentConfig,
+    pub mse: MseConfig,
+    pub adp: DigitsAdpConfig,
     pub dmd: DmdConfig,
     pub adm: DigitsAdmConfig,
+    pub probe: ProbeConfig,
     pub classifier: ClassifierConfig,
     pub eval: DigitsEvalConfig,
 }
@@ -37,31 +41,44 @@ pub struct DigitsRunConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DigitsMethod {
+    /// MSE regression on the ODE pairs from the teacher's weights (the paper's A1).
+    Mse,
+    /// ADP alone (stage 1 of DMDX).
+    Adp,
     /// DMD (DMD2 loss) from the teacher's weights.
     Dmd,
     /// ADM from the teacher's weights (no ADP).
     Adm,
+    /// DMDX: ADP, then ADM from the ADP generator.
+    Dmdx,
 }
 
 impl DigitsMethod {
     pub fn name(self) -> &'static str {
         match self {
+            DigitsMethod::Mse => "mse",
+            DigitsMethod::Adp => "adp",
             DigitsMethod::Dmd => "dmd",
             DigitsMethod::Adm => "adm",
+            DigitsMethod::Dmdx => "dmdx",
         }
     }
 
-    /// The config sections its student depends on (the teacher's included; `dmd` holds
-    /// the DMD probe's timesteps, `eval` its interval).
+    /// The config sections its student depends on beyond the teacher's and `student`
+    /// (`dmd` holds the DMD probe's timesteps).
     pub fn sections(self) -> &'static [&'static str] {
         match self {
-            DigitsMethod::Dmd => &[
-                "seed", "schedule", "model", "teacher", "student", "dmd", "eval",
-            ],
-            DigitsMethod::Adm => &[
-                "seed", "schedule", "model", "teacher", "student", "adm", "dmd", "eval",
-            ],
+            DigitsMethod::Mse => &["ode_pairs", "mse"],
+            DigitsMethod::Adp => &["ode_pairs", "adp"],
+            DigitsMethod::Dmd => &["dmd", "probe"],
+            DigitsMethod::Adm => &["adm", "dmd", "probe"],
+            DigitsMethod::Dmdx => &["ode_pairs", "adp", "adm", "dmd", "probe"],
         }
+    }
+
+    /// Whether it trains on the ODE pairs.
+    pub fn uses_pairs(self) -> bool {
+        matches!(self, Self::Mse | Self::Adp | Self::Dmdx)
     }
 }
 
@@ -103,6 +120,14 @@ impl DigitsModelConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct DigitsDataConfig {
+    /// Held-out digits (never seen by the teacher or the classifier) for the classifier's
+    /// accuracy and the "real digits" row; the rest train both.
+    pub test_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DigitsPairsConfig {
     pub count: usize,
     pub batch_size: usize,
@@ -138,6 +163,37 @@ pub struct DigitsAdmConfig {
     pub heads: ConvHeadConfig,
 }
 
+/// ADP: hybrid hinge GAN on the ODE pairs with the latent discriminator (teacher + heads
+/// on re-noised samples) and the pixel discriminator, a tiny frozen random-init SAM ViT
+/// (8x8 images, patch 2) standing in for pretrained SAM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigitsAdpConfig {
+    pub steps: usize,
+    pub lr_generator: f64,
+    pub lr_discriminator: f64,
+    /// Paper: 0.85 and 0.15.
+    pub lambda_latent: f64,
+    pub lambda_pixel: f64,
+    /// Generator line times (paper: cubic, biased to high noise).
+    pub generator_timesteps: TimestepDistribution,
+    /// Re-noising times of the latent discriminator (paper: uniform).
+    pub discriminator_timesteps: TimestepDistribution,
+    pub taps: Vec<String>,
+    pub heads: ConvHeadConfig,
+    /// Width and blocks of the random SAM ViT; one pixel head per block.
+    pub sam_hidden: usize,
+    pub sam_layers: usize,
+}
+
+/// The DMD loss recorded (never optimised) during DMD and ADM on fixed inputs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    pub every: usize,
+    pub size: usize,
+}
+
 /// The classifier that scores samples: an MLP with a feature layer, trained in the run on
 /// the real digits minus a held-out test split.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,9 +205,6 @@ pub struct ClassifierConfig {
     pub steps: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
-    /// Held-out digits (never seen by teacher or classifier) for the classifier's accuracy
-    /// and the "real digits" row.
-    pub test_size: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,9 +212,6 @@ pub struct ClassifierConfig {
 pub struct DigitsEvalConfig {
     /// Samples per class for every row (classes requested in equal numbers).
     pub samples_per_class: usize,
-    /// Record the DMD loss every this many generator steps.
-    pub probe_every: usize,
-    pub probe_size: usize,
     /// Samples per class and method in samples.png.
     pub grid_rows: usize,
 }
@@ -202,10 +252,14 @@ impl DigitsRunConfig {
             ("classifier.feature_dim", self.classifier.feature_dim),
             ("classifier.steps", self.classifier.steps),
             ("classifier.batch_size", self.classifier.batch_size),
-            ("classifier.test_size", self.classifier.test_size),
+            ("data.test_size", self.data.test_size),
+            ("mse.steps", self.mse.steps),
+            ("adp.steps", self.adp.steps),
+            ("adp.sam_hidden", self.adp.sam_hidden),
+            ("adp.sam_layers", self.adp.sam_layers),
             ("eval.samples_per_class", self.eval.samples_per_class),
-            ("eval.probe_every", self.eval.probe_every),
-            ("eval.probe_size", self.eval.probe_size),
+            ("probe.every", self.probe.every),
+            ("probe.size", self.probe.size),
             ("eval.grid_rows", self.eval.grid_rows),
             ("model.layers_per_block", self.model.layers_per_block),
             ("model.attention_heads", self.model.attention_heads),
@@ -225,6 +279,9 @@ impl DigitsRunConfig {
             ("adm.lr_discriminator", self.adm.lr_discriminator),
             ("student.grad_clip", self.student.grad_clip),
             ("classifier.learning_rate", self.classifier.learning_rate),
+            ("mse.learning_rate", self.mse.learning_rate),
+            ("adp.lr_generator", self.adp.lr_generator),
+            ("adp.lr_discriminator", self.adp.lr_discriminator),
         ];
         for (key, value) in rates {
             if !(value.is_finite() && value > 0.0) {
@@ -240,8 +297,19 @@ impl DigitsRunConfig {
         if self.methods.is_empty() {
             bail!("config key `methods` lists no method");
         }
-        if self.classifier.test_size >= 1797 {
-            bail!("config key `classifier.test_size` must leave digits to train on (1797 in all)");
+        if self.data.test_size >= 1797 {
+            bail!("config key `data.test_size` must leave digits to train on (1797 in all)");
+        }
+        for (key, value) in [
+            ("adp.lambda_latent", self.adp.lambda_latent),
+            ("adp.lambda_pixel", self.adp.lambda_pixel),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                bail!("config key `{key}` must be >= 0, got {value}");
+            }
+        }
+        if !self.adp.sam_hidden.is_multiple_of(2) {
+            bail!("config key `adp.sam_hidden` must be even (2 attention heads)");
         }
         for (c, key) in self.model.block_out_channels.iter().zip(["0", "1"]) {
             if *c == 0
@@ -251,13 +319,20 @@ impl DigitsRunConfig {
                 bail!("config key `model.block_out_channels` [{key}] must be a positive multiple of `model.norm_num_groups`");
             }
         }
-        if self.adm.taps.is_empty() {
-            bail!("config key `adm.taps` lists no tap");
+        if self.adm.taps.is_empty() || self.adp.taps.is_empty() {
+            bail!("config keys `adm.taps` and `adp.taps` must list at least one tap");
         }
-        self.dmd
-            .timesteps
-            .validate()
-            .context("config key `dmd.timesteps`")?;
+        for (key, dist) in [
+            ("dmd.timesteps", &self.dmd.timesteps),
+            ("adp.generator_timesteps", &self.adp.generator_timesteps),
+            (
+                "adp.discriminator_timesteps",
+                &self.adp.discriminator_timesteps,
+            ),
+        ] {
+            dist.validate()
+                .with_context(|| format!("config key `{key}`"))?;
+        }
         adm_diffusion::Schedule::new(&self.schedule).context("config section `schedule`")?;
         Ok(())
     }

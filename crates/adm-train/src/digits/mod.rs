@@ -13,15 +13,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use adm_data::store::{ConditionSpec, Partition, StoreDtype, StoreReader, StoreSpec, StoreWriter};
+use adm_data::store::{
+    ConditionSpec, Manifest, Partition, StoreDtype, StoreReader, StoreSpec, StoreWriter,
+};
 use adm_data::{Digits, DIGIT_SIZE, NUM_DIGIT_CLASSES};
 use adm_diffusion::{sample_ode, Schedule};
 use adm_eval::{digits_metrics, DigitsMetrics, Scored, Table};
+use adm_models::sam::{SamFeatureExtractor, SamVisionEncoder};
 use adm_models::unet_2d::{
     Config as UNetConfig, UNet2DConditionModel, UNetBackbone, ENCODER_HIDDEN_STATES,
     NEGATIVE_ENCODER_HIDDEN_STATES,
 };
-use adm_models::{guided_x0_eps, varmap_tensors, Backbone, Condition};
+use adm_models::{guided_x0_eps, varmap_tensors, Backbone, Condition, Decoder};
 use adm_nn::derive_seed;
 use anyhow::{Context as _, Result};
 use candle_core::{DType, Device, Tensor};
@@ -34,11 +37,12 @@ use serde::Serialize;
 use crate::collect::collect;
 use crate::context::{config_fingerprint, progress};
 use crate::engine::{
-    CheckpointConfig, ConditionBank, Engine, EngineConfig, EngineMethod, EngineNets, EngineStudent,
-    LogConfig,
+    AdpConfig, CheckpointConfig, ConditionBank, Engine, EngineConfig, EngineData, EngineMethod,
+    EngineNets, EngineStudent, LogConfig, PixelNets,
 };
 use crate::metrics::MetricsLog;
 use crate::optim::{Optimizer, OptimizerConfig};
+use crate::pairs::PairSource;
 use crate::pipeline::{trace_ends, write_json_atomic};
 use crate::student::{Student, Trainable};
 use crate::teacher::{cached_weights, store_weights};
@@ -49,7 +53,7 @@ pub use config::{DigitsMethod, DigitsRunConfig, JOB};
 /// condition dropout and classifier-free guidance use.
 pub const CONTEXT_DIM: usize = NUM_DIGIT_CLASSES + 1;
 const NULL_CLASS: usize = NUM_DIGIT_CLASSES;
-const TEACHER_SECTIONS: [&str; 4] = ["seed", "schedule", "model", "teacher"];
+const TEACHER_SECTIONS: [&str; 5] = ["seed", "data", "schedule", "model", "teacher"];
 
 /// The `encoder_hidden_states` (B, 1, 11) of `classes` (10 = null) and the null token as
 /// `negative_encoder_hidden_states`, the CFG unconditional input.
@@ -156,10 +160,7 @@ impl DigitsTeacher {
 /// reuses `run_dir/teacher.safetensors` made with the same settings.
 pub fn train_digits_teacher(ctx: &DigitsContext, train: &Digits) -> Result<DigitsTeacher> {
     let path = ctx.path("teacher.safetensors");
-    // The held-out split is part of what the teacher saw.
-    let mut sections = TEACHER_SECTIONS.to_vec();
-    sections.push("classifier");
-    let fingerprint = ctx.fingerprint(&sections);
+    let fingerprint = ctx.fingerprint(&TEACHER_SECTIONS);
     if let Some(weights) = cached_weights(&ctx.device, &path, &fingerprint)? {
         tracing::info!("teacher: reusing {}", path.display());
         return DigitsTeacher::from_weights(ctx, weights);
@@ -237,10 +238,7 @@ pub fn collect_digit_pairs(ctx: &DigitsContext, teacher: &DigitsTeacher) -> Resu
         dtype: StoreDtype::F32,
     };
     let spec = StoreSpec {
-        teacher: format!(
-            "adm digits unet {}",
-            ctx.fingerprint(&["seed", "schedule", "model", "teacher", "classifier"])
-        ),
+        teacher: format!("adm digits unet {}", ctx.fingerprint(&TEACHER_SECTIONS)),
         schedule: serde_json::to_string(&c.schedule)?,
         solver: "ddim".to_string(),
         steps: c.teacher.sampling_steps,
@@ -265,6 +263,14 @@ pub fn collect_digit_pairs(ctx: &DigitsContext, teacher: &DigitsTeacher) -> Resu
         partition: Partition::default(),
     };
     let dir = ctx.path("ode-pairs");
+    // Pairs of another teacher or sampler are not resumed but collected anew.
+    if let Ok(manifest) = Manifest::read(&dir) {
+        if manifest.spec != spec {
+            tracing::info!("ode pairs: settings changed, collecting anew");
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+    }
     let writer = StoreWriter::open(&dir, spec)
         .with_context(|| format!("ODE-pair store {}", dir.display()))?;
     collect(
@@ -300,28 +306,93 @@ fn condition_bank(ctx: &DigitsContext) -> Result<ConditionBank> {
     ConditionBank::new(class_tokens(&classes, &ctx.device)?)
 }
 
-/// The engine config of a one-step DMD or ADM student.
-fn engine_config(ctx: &DigitsContext, method: DigitsMethod) -> EngineConfig {
+/// ADP's pixel-space "decoder" for grey digits: the SAM stand-in reads RGB, so the one
+/// channel is repeated three times (differentiable: a concatenation).
+#[derive(Debug, Clone, Copy)]
+pub struct GreyToRgb;
+
+impl Decoder for GreyToRgb {
+    fn decode_latents(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        Tensor::cat(&[latents, latents, latents], 1)
+    }
+}
+
+/// ADP's frozen pixel discriminator backbone: a random-init SAM ViT on 8x8 images (patch 2,
+/// window 2, the last block global), read after every block; a stand-in for pretrained SAM.
+pub fn sam_pixel_nets(ctx: &DigitsContext) -> Result<PixelNets> {
+    let a = &ctx.config.adp;
+    let cfg = adm_models::sam::Config {
+        hidden_size: a.sam_hidden,
+        output_channels: a.sam_hidden,
+        num_hidden_layers: a.sam_layers,
+        num_attention_heads: 2,
+        image_size: DIGIT_SIZE,
+        patch_size: 2,
+        mlp_dim: Some(2 * a.sam_hidden),
+        window_size: 2,
+        global_attn_indexes: vec![a.sam_layers - 1],
+        ..Default::default()
+    };
+    let seeded = adm_nn::SeededVarMap::new(derive_seed(ctx.config.seed, "sam-init"));
+    SamVisionEncoder::new(seeded.var_builder(DType::F32, &ctx.device), &cfg)?;
+    let frozen = varmap_tensors(seeded.varmap())
+        .into_iter()
+        .map(|(n, t)| (n, t.detach()))
+        .collect();
+    let encoder = SamVisionEncoder::new(
+        VarBuilder::from_tensors(frozen, DType::F32, &ctx.device),
+        &cfg,
+    )?;
+    let layers: Vec<usize> = (0..a.sam_layers).collect();
+    Ok(PixelNets {
+        decoder: Arc::new(GreyToRgb),
+        extractor: Arc::new(SamFeatureExtractor::new(Arc::new(encoder), &layers)?),
+    })
+}
+
+/// The engine config of a one-step student trained by `method`.
+fn engine_config(ctx: &DigitsContext, method: EngineMethod) -> EngineConfig {
     let c = &ctx.config;
-    let clip = c.student.grad_clip;
-    let (engine_method, steps, ttur, generator, fake) = match method {
-        DigitsMethod::Dmd => (
-            EngineMethod::Dmd,
+    let opt = |lr| OptimizerConfig::new(lr, c.student.grad_clip);
+    // (steps, ttur, generator lr, fake-score lr, discriminator lr); unused rates are
+    // validated but never stepped.
+    let (steps, ttur, generator, fake, discriminator) = match method {
+        EngineMethod::Dmd => (
             c.dmd.steps,
             c.dmd.fake_updates,
             c.dmd.lr_generator,
             c.dmd.lr_fake,
+            c.adm.lr_discriminator,
         ),
-        DigitsMethod::Adm => (
-            EngineMethod::Adm,
+        EngineMethod::Adm => (
             c.adm.steps,
             c.adm.ttur,
             c.adm.lr_generator,
             c.adm.lr_fake,
+            c.adm.lr_discriminator,
+        ),
+        EngineMethod::Adp => (
+            c.adp.steps,
+            1,
+            c.adp.lr_generator,
+            c.adm.lr_fake,
+            c.adp.lr_discriminator,
+        ),
+        EngineMethod::Mse => (
+            c.mse.steps,
+            1,
+            c.mse.learning_rate,
+            c.adm.lr_fake,
+            c.adm.lr_discriminator,
         ),
     };
+    let (taps, heads) = if method == EngineMethod::Adp {
+        (c.adp.taps.clone(), c.adp.heads.clone())
+    } else {
+        (c.adm.taps.clone(), c.adm.heads.clone())
+    };
     EngineConfig {
-        method: engine_method,
+        method,
         seed: c.seed,
         steps,
         batch_size: c.student.batch_size,
@@ -334,22 +405,30 @@ fn engine_config(ctx: &DigitsContext, method: DigitsMethod) -> EngineConfig {
         cfg_scale: c.teacher.cfg_scale,
         ttur,
         flow_divisions: c.adm.flow_divisions,
-        taps: c.adm.taps.clone(),
-        heads: c.adm.heads.clone(),
+        taps,
+        heads,
         dmd_timesteps: c.dmd.timesteps.clone(),
-        generator: OptimizerConfig::new(generator, clip),
-        fake_score: OptimizerConfig::new(fake, clip),
-        discriminator: OptimizerConfig::new(c.adm.lr_discriminator, clip),
+        generator: opt(generator),
+        fake_score: opt(fake),
+        discriminator: opt(discriminator),
         ema_decay: c.student.ema_decay,
         checkpoint: CheckpointConfig {
             every: c.student.checkpoint_every,
             keep_last: 1,
         },
         log: LogConfig {
-            probe_every: c.eval.probe_every,
-            probe_size: c.eval.probe_size,
+            probe_every: c.probe.every,
+            probe_size: c.probe.size,
             sample_every: 0,
             sample_count: NUM_DIGIT_CLASSES,
+        },
+        adp: AdpConfig {
+            generator_timesteps: c.adp.generator_timesteps.clone(),
+            discriminator_timesteps: c.adp.discriminator_timesteps.clone(),
+            lambda_latent: c.adp.lambda_latent,
+            lambda_pixel: c.adp.lambda_pixel,
+            pixel_layers: (0..c.adp.sam_layers).collect(),
+            pixel_heads: None,
         },
     }
 }
@@ -360,42 +439,69 @@ pub struct DigitsStage {
     pub dmd_trace: Vec<(usize, f64)>,
 }
 
-/// Runs `method` through the engine in `run_dir/methods/<name>`, resuming its checkpoints;
-/// a folder made with other settings is cleared first.
-pub fn run_method(
+/// Runs one engine stage in `run_dir/methods/<name>`, resuming its checkpoints; a folder
+/// made with other settings (the teacher's sections, `student` and `sections`) is cleared
+/// first. The generator starts from `init`, the fake score (ADM, DMD) from the teacher.
+fn run_stage(
     ctx: &DigitsContext,
     teacher: &DigitsTeacher,
-    method: DigitsMethod,
+    name: &str,
+    sections: &[&str],
+    method: EngineMethod,
     init: &HashMap<String, Tensor>,
+    pairs: Option<&Arc<StoreReader>>,
 ) -> Result<DigitsStage> {
-    let dir = ctx.path(&format!("methods/{}", method.name()));
-    let settings = ctx.fingerprint(method.sections());
+    let dir = ctx.path(&format!("methods/{name}"));
+    let sections: Vec<&str> = TEACHER_SECTIONS
+        .iter()
+        .chain(&["student"])
+        .chain(sections)
+        .copied()
+        .collect();
+    let settings = ctx.fingerprint(&sections);
     let settings_path = dir.join("settings.json");
     let same = std::fs::read_to_string(&settings_path)
         .ok()
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         == Some(settings.clone());
     if !same && dir.exists() {
-        tracing::info!("{}: settings changed, retraining", method.name());
+        tracing::info!("{name}: settings changed, retraining");
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
     write_json_atomic(&settings_path, &settings)?;
-    let seed = |net: &str| derive_seed(ctx.config.seed, &format!("{}-{net}", method.name()));
+    let seed = |net: &str| derive_seed(ctx.config.seed, &format!("{name}-{net}"));
     let trainable = |seed, weights| {
         Trainable::from_weights(seed, &ctx.device, weights, |vb| ctx.build_unet(vb))
     };
     let nets = EngineNets {
         teacher: teacher.net.clone() as Arc<dyn Backbone>,
         generator: trainable(seed("generator"), init)?,
-        fake_score: trainable(seed("fake-score"), &teacher.weights)?,
+        fake_score: match method.uses_fake_score() {
+            true => Some(trainable(seed("fake-score"), &teacher.weights)?),
+            false => None,
+        },
+        pixel: match method {
+            EngineMethod::Adp => Some(sam_pixel_nets(ctx)?),
+            _ => None,
+        },
         net_config: Some(serde_json::to_value(&ctx.unet)?),
     };
     let config = engine_config(ctx, method);
     let steps = config.steps;
-    let mut engine = Engine::new(config, &dir, nets, Box::new(condition_bank(ctx)?))?;
+    let data: EngineData = match (method.uses_pairs(), pairs) {
+        (true, Some(reader)) => PairSource::new(
+            reader.clone(),
+            derive_seed(ctx.config.seed, &format!("{name}-pairs")),
+            &ctx.device,
+        )?
+        .into(),
+        (true, None) => anyhow::bail!("{name} trains on ODE pairs, none were collected"),
+        (false, _) => EngineData::Conditions(Box::new(condition_bank(ctx)?)),
+    };
+    let mut engine = Engine::new(config, &dir, nets, data)?;
     if let Some(step) = engine.resume()? {
-        tracing::info!("{}: resumed at step {step}", method.name());
+        tracing::info!("{name}: resumed at step {step}");
     }
     // A finished stage is only read back (train would rewrite its metrics log).
     if engine.step() < steps {
@@ -406,6 +512,36 @@ pub fn run_method(
         weights: ema,
         dmd_trace: read_probe_trace(&engine.metrics_path())?,
     })
+}
+
+/// Trains (or reads back) `method`'s student; DMDX runs (or reads back) ADP first.
+pub fn run_method(
+    ctx: &DigitsContext,
+    teacher: &DigitsTeacher,
+    method: DigitsMethod,
+    pairs: Option<&Arc<StoreReader>>,
+) -> Result<DigitsStage> {
+    let stage = |engine_method, init| {
+        run_stage(
+            ctx,
+            teacher,
+            method.name(),
+            method.sections(),
+            engine_method,
+            init,
+            pairs,
+        )
+    };
+    match method {
+        DigitsMethod::Mse => stage(EngineMethod::Mse, &teacher.weights),
+        DigitsMethod::Adp => stage(EngineMethod::Adp, &teacher.weights),
+        DigitsMethod::Dmd => stage(EngineMethod::Dmd, &teacher.weights),
+        DigitsMethod::Adm => stage(EngineMethod::Adm, &teacher.weights),
+        DigitsMethod::Dmdx => {
+            let adp = run_method(ctx, teacher, DigitsMethod::Adp, pairs)?;
+            stage(EngineMethod::Adm, &adp.weights)
+        }
+    }
 }
 
 /// The `dmd_probe` values of an engine's metrics.jsonl.
@@ -422,7 +558,7 @@ fn read_probe_trace(path: &Path) -> Result<Vec<(usize, f64)>> {
 /// The classifier, trained on `train` or reused from `run_dir/classifier.safetensors`.
 fn classifier(ctx: &DigitsContext, train: &Digits) -> Result<Classifier> {
     let path = ctx.path("classifier.safetensors");
-    let fingerprint = ctx.fingerprint(&["seed", "classifier"]);
+    let fingerprint = ctx.fingerprint(&["seed", "data", "classifier"]);
     let cfg = &ctx.config.classifier;
     if let Some(weights) = cached_weights(&ctx.device, &path, &fingerprint)? {
         tracing::info!("classifier: reusing {}", path.display());
@@ -463,7 +599,7 @@ pub fn run_digits(config: DigitsRunConfig) -> Result<DigitsReport> {
     let ctx = DigitsContext::new(config)?;
     let c = &ctx.config;
     let (train, test) =
-        Digits::load()?.split(c.classifier.test_size, derive_seed(c.seed, "digits-split"))?;
+        Digits::load()?.split(c.data.test_size, derive_seed(c.seed, "digits-split"))?;
 
     let started = Instant::now();
     let teacher = train_digits_teacher(&ctx, &train)?;
@@ -535,15 +671,16 @@ pub fn run_digits(config: DigitsRunConfig) -> Result<DigitsReport> {
     )?);
     grid.push(teacher_samples);
 
-    let pairs = collect_digit_pairs(&ctx, &teacher)?;
-    tracing::info!("ode pairs: {} in {}", pairs.len(), pairs.dir().display());
+    let pairs = if c.methods.iter().any(|m| m.uses_pairs()) {
+        let pairs = collect_digit_pairs(&ctx, &teacher)?;
+        tracing::info!("ode pairs: {} in {}", pairs.len(), pairs.dir().display());
+        Some(Arc::new(pairs))
+    } else {
+        None
+    };
     for &method in &c.methods {
         let started = Instant::now();
-        let stage = match method {
-            DigitsMethod::Dmd | DigitsMethod::Adm => {
-                run_method(&ctx, &teacher, method, &teacher.weights)?
-            }
-        };
+        let stage = run_method(&ctx, &teacher, method, pairs.as_ref())?;
         let student = Student {
             model: Trainable::from_weights(
                 derive_seed(c.seed, "eval-student"),
@@ -642,4 +779,42 @@ fn render_table(rows: &[DigitsRow]) -> Result<String> {
         )?;
     }
     Ok(table.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grey_to_rgb_repeats_the_channel_and_passes_every_gradient() -> Result<()> {
+        let x = Tensor::arange(0f32, 8.0, &Device::Cpu)?.reshape((2, 1, 2, 2))?;
+        let x = candle_core::Var::from_tensor(&x)?;
+        let rgb = GreyToRgb.decode_latents(x.as_tensor())?;
+        assert_eq!(rgb.dims(), [2, 3, 2, 2]);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for c in 0..3 {
+            assert_eq!(flat(&rgb.narrow(1, c, 1)?), flat(x.as_tensor()));
+        }
+        // d/dx of sum(w * rgb) is the sum of w over the three copies.
+        let w = Tensor::arange(0f32, 24.0, &Device::Cpu)?.reshape((2, 3, 2, 2))?;
+        let grads = (rgb * &w)?.sum_all()?.backward()?;
+        let g = grads.get(x.as_tensor()).expect("x has a gradient");
+        assert_eq!(flat(g), flat(&w.sum_keepdim(1)?));
+        Ok(())
+    }
+
+    #[test]
+    fn class_tokens_are_one_hot_with_the_null_token_as_negative() -> Result<()> {
+        let cond = class_tokens(&[3, 10], &Device::Cpu)?;
+        let pos = cond.get(ENCODER_HIDDEN_STATES)?.to_vec3::<f32>()?;
+        let neg = cond.get(NEGATIVE_ENCODER_HIDDEN_STATES)?.to_vec3::<f32>()?;
+        assert_eq!(pos[0][0].iter().position(|&v| v == 1.0), Some(3));
+        assert_eq!(pos[1][0].iter().position(|&v| v == 1.0), Some(NULL_CLASS));
+        for row in neg {
+            assert_eq!(row[0].iter().sum::<f32>(), 1.0);
+            assert_eq!(row[0][NULL_CLASS], 1.0);
+        }
+        assert!(class_tokens(&[11], &Device::Cpu).is_err());
+        Ok(())
+    }
 }
