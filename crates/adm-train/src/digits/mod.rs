@@ -45,7 +45,7 @@ use crate::optim::{Optimizer, OptimizerConfig};
 use crate::pairs::PairSource;
 use crate::pipeline::{trace_ends, write_json_atomic};
 use crate::student::{Student, Trainable};
-use crate::teacher::{cached_weights, store_weights};
+use crate::teacher::{cached_weights, store_weights, teacher_lr_decay};
 pub use classifier::{train_classifier, Classifier};
 pub use config::{DigitsMethod, DigitsRunConfig, JOB};
 
@@ -179,10 +179,7 @@ pub fn train_digits_teacher(ctx: &DigitsContext, train: &Digits) -> Result<Digit
     let images = train.images_tensor(&ctx.device)?;
     let bar = progress("teacher", cfg.steps);
     for step in 0..cfg.steps {
-        // Cosine decay to 10%, as the 2D toy's teacher.
-        let fraction = step as f64 / cfg.steps as f64;
-        let decay = 0.1 + 0.45 * (1.0 + (std::f64::consts::PI * fraction).cos());
-        opt.set_learning_rate(cfg.learning_rate * decay);
+        opt.set_learning_rate(cfg.learning_rate * teacher_lr_decay(step, cfg.steps));
         let rows: Vec<u32> = (0..cfg.batch_size)
             .map(|_| rng.random_range(0..train.len() as u32))
             .collect();
