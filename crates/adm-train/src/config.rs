@@ -400,9 +400,32 @@ fn dotted_key_at(document: &str, offset: usize) -> String {
     }
 }
 
+/// Peeks at the top-level `job` key of a TOML document (absent: `None`), which selects the
+/// job: none the 2D toy, `"toy-digits"` the digits toy, `"distill"` a recipe.
+pub fn job_of(text: &str, origin: &str) -> Result<Option<String>> {
+    let table: toml::Table =
+        toml::from_str(text).with_context(|| format!("{origin} is not valid TOML"))?;
+    match table.get("job") {
+        None => Ok(None),
+        Some(toml::Value::String(job)) => Ok(Some(job.clone())),
+        Some(other) => bail!("{origin}: config key `job` must be a string, got {other}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_is_peeked_without_parsing_the_rest() {
+        assert_eq!(
+            job_of("job = \"distill\"\nx = 1", "t").unwrap().as_deref(),
+            Some("distill")
+        );
+        assert_eq!(job_of(DEFAULT_CONFIG, "t").unwrap(), None);
+        let err = job_of("job = 3", "t").unwrap_err();
+        assert!(format!("{err:#}").contains("`job`"));
+    }
 
     #[test]
     fn the_default_config_parses() {

@@ -57,12 +57,7 @@ impl ToyContext {
     /// The config sections `sections` (top-level keys) as JSON: what a cached stage output
     /// depends on, stored beside it so that a change of any of them recomputes it.
     pub fn fingerprint(&self, sections: &[&str]) -> serde_json::Value {
-        let full = serde_json::to_value(&self.config).expect("the config serialises");
-        sections
-            .iter()
-            .map(|&key| (key.to_string(), full[key].clone()))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
+        config_fingerprint(&self.config, sections)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -88,6 +83,17 @@ impl ToyContext {
             &self.device,
         )
     }
+}
+
+/// The top-level sections `sections` of a run config as JSON (what a cached stage output
+/// depends on).
+pub fn config_fingerprint(config: &impl serde::Serialize, sections: &[&str]) -> serde_json::Value {
+    let full = serde_json::to_value(config).expect("the config serialises");
+    sections
+        .iter()
+        .map(|&key| (key.to_string(), full[key].clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 pub fn class_condition(classes: Tensor) -> Condition {

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod collect;
 pub mod config;
 pub mod context;
+pub mod digits;
 pub mod distill;
 pub mod ema;
 pub mod engine;

@@ -1,6 +1,6 @@
 //! `adm-train`: runs the configured job. With no arguments, the CPU toy (configs/toy-2d.toml).
-//! The top-level key `job` selects the job: absent, the toy; `"distill"`, a recipe for a real
-//! model (src/recipe.rs).
+//! The top-level key `job` selects the job: absent, the 2D toy; `"toy-digits"`, the digits
+//! toy (src/digits); `"distill"`, a recipe for a real model (src/recipe.rs).
 
 use std::path::PathBuf;
 
@@ -13,7 +13,9 @@ use clap::Parser;
     about = "Distil a diffusion model with ADM / DMDX (default: the 2D toy pipeline)"
 )]
 struct Args {
-    /// Run configuration (TOML). Default: the built-in configs/toy-2d.toml.
+    /// Run configuration (TOML). Default: the built-in configs/toy-2d.toml. Its top-level
+    /// `job` key picks the job (absent: the 2D toy; "toy-digits": the digits toy;
+    /// "distill": a recipe).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override any config key, e.g. --set adm.steps=500 --set data.std=0.05 (repeatable).
@@ -39,17 +41,30 @@ fn main() -> Result<()> {
             "configs/toy-2d.toml (built in)".to_string(),
         ),
     };
-    match adm_train::recipe::job_of(&text, &origin)?.as_deref() {
+    let job = adm_train::config::job_of(&text, &origin)?;
+    if args.dry_run && job.as_deref() != Some(adm_train::recipe::JOB) {
+        bail!("--dry-run applies to recipes (`job = \"distill\"`), not to {origin}");
+    }
+    match job.as_deref() {
         None => {
-            if args.dry_run {
-                bail!("--dry-run applies to recipes (`job = \"distill\"`), not to {origin}");
-            }
             let config = adm_train::ToyRunConfig::parse(&text, &origin, &args.overrides)?;
             let run_dir = config.run_dir.clone();
             let report = adm_train::run_toy(config)?;
             println!("{}", report.table);
             println!(
                 "wrote {0}/metrics.json and {0}/samples.png (panels in table order)",
+                run_dir.display()
+            );
+        }
+        Some(adm_train::digits::JOB) => {
+            let config =
+                adm_train::digits::DigitsRunConfig::parse(&text, &origin, &args.overrides)?;
+            let run_dir = config.run_dir.clone();
+            let report = adm_train::digits::run_digits(config)?;
+            println!("{}", report.table);
+            println!(
+                "classifier held-out accuracy {:.3}; wrote {1}/metrics.json and {1}/samples.png (rows: teacher, then the methods in table order; columns: classes 0..9)",
+                report.classifier_test_accuracy,
                 run_dir.display()
             );
         }
@@ -69,8 +84,9 @@ fn main() -> Result<()> {
             }
         }
         Some(other) => bail!(
-            "{origin}: config key `job`: unknown job {other:?} (expected \"{}\", or no `job` \
-             for the toy-2d pipeline)",
+            "{origin}: config key `job`: unknown job {other:?} (known: \"{}\", \"{}\", or no \
+             `job` for the toy-2d pipeline)",
+            adm_train::digits::JOB,
             adm_train::recipe::JOB
         ),
     }

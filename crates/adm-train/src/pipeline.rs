@@ -43,7 +43,7 @@ fn to_points(samples: &Tensor) -> Result<Vec<[f32; 2]>> {
         .collect())
 }
 
-fn trace_ends(trace: &[(usize, f64)]) -> (Option<f64>, Option<f64>) {
+pub(crate) fn trace_ends(trace: &[(usize, f64)]) -> (Option<f64>, Option<f64>) {
     if trace.is_empty() {
         return (None, None);
     }
@@ -198,7 +198,7 @@ fn cached_stage(
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{}.safetensors", name.replace('+', "-")));
     let trace_path = path.with_extension("trace.json");
-    if let Some(weights) = cached_weights(ctx, &path, &fingerprint)? {
+    if let Some(weights) = cached_weights(&ctx.device, &path, &fingerprint)? {
         if let Ok(trace) = std::fs::read_to_string(&trace_path) {
             tracing::info!("{name}: reusing {}", path.display());
             return Ok(StageOutcome {
@@ -213,7 +213,7 @@ fn cached_stage(
     Ok(outcome)
 }
 
-fn write_json_atomic(path: &std::path::Path, value: &impl Serialize) -> Result<()> {
+pub(crate) fn write_json_atomic(path: &std::path::Path, value: &impl Serialize) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
         .with_context(|| format!("cannot write {}", tmp.display()))?;

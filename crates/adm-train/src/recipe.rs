@@ -364,17 +364,6 @@ impl Recipe {
     }
 }
 
-/// Peeks at the top-level `job` key of a TOML document (absent: `None`).
-pub fn job_of(text: &str, origin: &str) -> Result<Option<String>> {
-    let table: toml::Table =
-        toml::from_str(text).with_context(|| format!("{origin} is not valid TOML"))?;
-    match table.get("job") {
-        None => Ok(None),
-        Some(toml::Value::String(job)) => Ok(Some(job.clone())),
-        Some(other) => bail!("{origin}: config key `job` must be a string, got {other}"),
-    }
-}
-
 /// The parameter count of whatever `build` constructs, from the tensors it asks for (each
 /// name once), without allocating them.
 pub fn count<M>(build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>) -> Result<u64> {
@@ -990,16 +979,5 @@ mod tests {
                 .unwrap();
             assert_eq!(cfg, preset, "{variant}");
         }
-    }
-
-    #[test]
-    fn job_is_peeked_without_parsing_the_rest() {
-        assert_eq!(
-            job_of("job = \"distill\"\nx = 1", "t").unwrap().as_deref(),
-            Some(JOB)
-        );
-        assert_eq!(job_of("seed = 0", "t").unwrap(), None);
-        let err = job_of("job = 3", "t").unwrap_err();
-        assert!(format!("{err:#}").contains("`job`"));
     }
 }

@@ -56,7 +56,7 @@ impl Teacher {
 /// Weights saved with a sidecar JSON of everything they depend on, so that a re-run with the
 /// same settings reuses them (stage-level resume) and a changed config retrains.
 pub fn cached_weights(
-    ctx: &ToyContext,
+    device: &candle_core::Device,
     path: &Path,
     fingerprint: &serde_json::Value,
 ) -> Result<Option<HashMap<String, Tensor>>> {
@@ -71,7 +71,7 @@ pub fn cached_weights(
     {
         return Ok(None);
     }
-    let weights = candle_core::safetensors::load(path, &ctx.device)
+    let weights = candle_core::safetensors::load(path, device)
         .with_context(|| format!("cannot read cached weights {}", path.display()))?;
     Ok(Some(weights))
 }
@@ -97,11 +97,18 @@ pub fn teacher_fingerprint(ctx: &ToyContext) -> serde_json::Value {
     ctx.fingerprint(&TEACHER_SECTIONS)
 }
 
+/// The teacher's learning-rate factor at `step` of `steps`: cosine decay to 10% keeps the
+/// late teacher sharp without a long schedule.
+pub(crate) fn teacher_lr_decay(step: usize, steps: usize) -> f64 {
+    let fraction = step as f64 / steps as f64;
+    0.1 + 0.45 * (1.0 + (std::f64::consts::PI * fraction).cos())
+}
+
 /// Trains the teacher, or reuses `run_dir/teacher.safetensors` made with the same settings.
 pub fn train_teacher(ctx: &ToyContext) -> Result<Teacher> {
     let path = ctx.path("teacher.safetensors");
     let fingerprint = teacher_fingerprint(ctx);
-    if let Some(weights) = cached_weights(ctx, &path, &fingerprint)? {
+    if let Some(weights) = cached_weights(&ctx.device, &path, &fingerprint)? {
         tracing::info!("teacher: reusing {}", path.display());
         return Teacher::from_weights(ctx, weights);
     }
@@ -119,10 +126,7 @@ pub fn train_teacher(ctx: &ToyContext) -> Result<Teacher> {
     let bar = progress("teacher", cfg.steps);
     let null_class = ctx.mixture.num_classes() as u32;
     for step in 0..cfg.steps {
-        // Cosine decay to 10% keeps the late teacher sharp without a long schedule.
-        let progress_fraction = step as f64 / cfg.steps as f64;
-        let decay = 0.1 + 0.45 * (1.0 + (std::f64::consts::PI * progress_fraction).cos());
-        opt.set_learning_rate(cfg.learning_rate * decay);
+        opt.set_learning_rate(cfg.learning_rate * teacher_lr_decay(step, cfg.steps));
 
         let batch = ctx.mixture.sample(cfg.batch_size, &mut rng);
         let classes: Vec<u32> = batch
