@@ -480,9 +480,8 @@ fn run_stage(
     std::fs::create_dir_all(&dir)?;
     write_json_atomic(&settings_path, &settings)?;
     let seed = |net: &str| derive_seed(ctx.config.seed, &format!("{name}-{net}"));
-    let trainable = |seed, weights| {
-        Trainable::from_weights(seed, &ctx.device, weights, ctx.unet_builder())
-    };
+    let trainable =
+        |seed, weights| Trainable::from_weights(seed, &ctx.device, weights, ctx.unet_builder());
     let nets = EngineNets {
         teacher: teacher.net.clone() as Arc<dyn Backbone>,
         generator: trainable(seed("generator"), init)?,
