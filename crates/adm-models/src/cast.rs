@@ -166,4 +166,35 @@ mod tests {
         assert_eq!(g.to_vec2::<f32>()?, vec![vec![1.0, -2.0]; 3]);
         Ok(())
     }
+
+    /// The frozen pixel path in f16 (the decoder, then the extractor) hands f32 features to
+    /// the heads and the exact gradient back to the f32 latents.
+    #[test]
+    fn f16_decoder_and_extractor_pass_gradients() -> Result<()> {
+        struct Square;
+        impl FeatureExtractor for Square {
+            fn features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+                assert_eq!(x.dtype(), DType::F16, "the extractor runs in its own dtype");
+                Ok(vec![x.sqr()?])
+            }
+            fn feature_channels(&self) -> Vec<usize> {
+                vec![1]
+            }
+        }
+        let decoder = InDtype::new(crate::IdentityDecoder, DType::F16);
+        let extractor = InDtype::new(Square, DType::F16);
+        let x = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.5, 2.0]], &Device::Cpu)?)?;
+        let images = decoder.decode_latents(x.as_tensor())?;
+        assert_eq!(images.dtype(), DType::F32);
+        let features = extractor.features(&images)?.remove(0);
+        assert_eq!(features.dtype(), DType::F32);
+        let grads = features.sum_all()?.backward()?;
+        let g = grads
+            .get(x.as_tensor())
+            .expect("the latents get a gradient");
+        assert_eq!(g.dtype(), DType::F32);
+        // d/dx sum(x^2) = 2x, exact in f16 for these values.
+        assert_eq!(g.to_vec2::<f32>()?, vec![vec![1.0, -3.0, 4.0]]);
+        Ok(())
+    }
 }

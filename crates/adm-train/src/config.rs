@@ -253,11 +253,7 @@ impl ToyRunConfig {
             ("eval.samples", self.eval.samples),
             ("eval.probe_every", self.eval.probe_every),
         ];
-        for (key, value) in positive {
-            if value == 0 {
-                bail!("config key `{key}` must be positive");
-            }
-        }
+        ensure_positive_counts(&positive)?;
         let rates = [
             ("teacher.learning_rate", self.teacher.learning_rate),
             ("mse.learning_rate", self.mse.learning_rate),
@@ -271,11 +267,7 @@ impl ToyRunConfig {
             ("student.grad_clip", self.student.grad_clip),
             ("teacher.cfg_scale", self.teacher.cfg_scale),
         ];
-        for (key, value) in rates {
-            if !(value.is_finite() && value > 0.0) {
-                bail!("config key `{key}` must be a positive number, got {value}");
-            }
-        }
+        ensure_positive_rates(&rates)?;
         if !(0.0..1.0).contains(&self.teacher.condition_dropout) {
             bail!(
                 "config key `teacher.condition_dropout` must be in [0, 1), got {}",
@@ -398,6 +390,26 @@ fn dotted_key_at(document: &str, offset: usize) -> String {
         (false, true) => section,
         (false, false) => format!("{section}.{key}"),
     }
+}
+
+/// Each `(key, count)` is positive, else an error naming the key.
+pub fn ensure_positive_counts(counts: &[(&str, usize)]) -> Result<()> {
+    for &(key, value) in counts {
+        if value == 0 {
+            bail!("config key `{key}` must be positive");
+        }
+    }
+    Ok(())
+}
+
+/// Each `(key, value)` is a finite positive number, else an error naming the key.
+pub fn ensure_positive_rates(rates: &[(&str, f64)]) -> Result<()> {
+    for &(key, value) in rates {
+        if !(value.is_finite() && value > 0.0) {
+            bail!("config key `{key}` must be a positive number, got {value}");
+        }
+    }
+    Ok(())
 }
 
 /// Peeks at the top-level `job` key of a TOML document (absent: `None`), which selects the

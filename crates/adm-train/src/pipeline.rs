@@ -238,10 +238,7 @@ fn render_table(teacher: &MethodReport, methods: &[MethodReport]) -> Result<Stri
     )?;
     for row in std::iter::once(teacher).chain(methods) {
         let m = &row.metrics;
-        let dmd = match (row.dmd_loss_start, row.dmd_loss_end) {
-            (Some(a), Some(b)) => format!("{a:.4} -> {b:.4}"),
-            _ => "-".to_string(),
-        };
+        let dmd = dmd_span(row.dmd_loss_start, row.dmd_loss_end);
         table.add_row(
             row.method.clone(),
             vec![
@@ -255,4 +252,12 @@ fn render_table(teacher: &MethodReport, methods: &[MethodReport]) -> Result<Stri
         )?;
     }
     Ok(table.render())
+}
+
+/// The DMD probe's first and last values as a table cell ("-" when not recorded).
+pub(crate) fn dmd_span(start: Option<f64>, end: Option<f64>) -> String {
+    match (start, end) {
+        (Some(a), Some(b)) => format!("{a:.4} -> {b:.4}"),
+        _ => "-".to_string(),
+    }
 }

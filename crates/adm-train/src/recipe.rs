@@ -257,7 +257,7 @@ impl Recipe {
         // Generator and fake score start from the teacher's weights: same architecture.
         let generator = run.add(backbone.network("generator", Role::Trainable));
         let vae = run.add(parts.vae);
-        let mut pixel_encoder = None;
+        let mut pixel_encoder: Option<(usize, PixelModel)> = None;
         let mut fake_score = None;
         for (i, stage) in self.stages.iter().enumerate() {
             let engine = &stage.engine;
@@ -286,12 +286,21 @@ impl Recipe {
                 }));
             }
             if uses_pixel(engine) {
-                let section = self.pixel_discriminator.as_ref().expect("validated");
-                if pixel_encoder.is_none() {
-                    let (network, encoder) = pixel_encoder_network(section)?;
-                    pixel_encoder = Some((run.add(network), encoder));
-                }
-                let (index, encoder) = pixel_encoder.clone().expect("just built");
+                let section = self.pixel_discriminator.as_ref().with_context(|| {
+                    format!(
+                        "config section `pixel_discriminator` is needed by stage `{}`",
+                        stage.name
+                    )
+                })?;
+                let (index, encoder) = match &pixel_encoder {
+                    Some(built) => built.clone(),
+                    None => {
+                        let (network, encoder) = pixel_encoder_network(section)?;
+                        let built = (run.add(network), encoder);
+                        pixel_encoder = Some(built.clone());
+                        built
+                    }
+                };
                 let heads = engine.adp.pixel_heads.as_ref().unwrap_or(&engine.heads);
                 let params =
                     count(|vb| encoder.discriminator(section, &engine.adp.pixel_layers, heads, vb))

@@ -17,39 +17,57 @@ use rand::Rng;
 use crate::context::{class_condition, progress, stage_log, ToyContext};
 use crate::optim::Optimizer;
 
-/// The frozen teacher F_phi and its weights (which initialise students and fake scores).
-pub struct Teacher {
-    pub net: Arc<ToyMlp>,
+/// The frozen teacher F_phi and its weights (which initialise students and fake scores): the
+/// toy's MLP, or the digits toy's UNet.
+pub struct Teacher<B = ToyMlp> {
+    pub net: Arc<B>,
     pub weights: HashMap<String, Tensor>,
 }
 
-impl Teacher {
+impl<B: Backbone> Teacher<B> {
     /// The teacher over detached copies of `weights`: even if they are a trainable
     /// network's Var tensors, no gradient is ever computed for them.
-    pub fn from_weights(ctx: &ToyContext, weights: HashMap<String, Tensor>) -> Result<Self> {
+    pub fn frozen(
+        weights: HashMap<String, Tensor>,
+        device: &candle_core::Device,
+        build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<B>,
+    ) -> Result<Self> {
         let weights: HashMap<String, Tensor> = weights
             .into_iter()
             .map(|(name, t)| (name, t.detach()))
             .collect();
-        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &ctx.device);
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, device);
         Ok(Self {
-            net: Arc::new(ctx.build_net(vb)?),
+            net: Arc::new(build(vb)?),
             weights,
         })
     }
 
-    /// Deterministic multi-step samples with CFG from `noise`.
+    /// Deterministic `steps`-step samples with CFG `cfg_scale` from `noise`.
+    pub fn sample_guided(
+        &self,
+        steps: usize,
+        cfg_scale: f64,
+        noise: &Tensor,
+        cond: &Condition,
+    ) -> Result<Tensor> {
+        let schedule = self.net.schedule();
+        let timesteps = schedule.sampling_timesteps(steps)?;
+        Ok(sample_ode(schedule, noise.clone(), &timesteps, |x, t| {
+            guided_x0_eps(self.net.as_ref(), x, t, cond, cfg_scale)
+        })?)
+    }
+}
+
+impl Teacher {
+    pub fn from_weights(ctx: &ToyContext, weights: HashMap<String, Tensor>) -> Result<Self> {
+        Self::frozen(weights, &ctx.device, |vb| ctx.build_net(vb))
+    }
+
+    /// The configured sampler: `teacher.sampling_steps` steps at `teacher.cfg_scale`.
     pub fn sample(&self, ctx: &ToyContext, noise: &Tensor, cond: &Condition) -> Result<Tensor> {
-        let timesteps = ctx
-            .schedule
-            .sampling_timesteps(ctx.config.teacher.sampling_steps)?;
-        let cfg = ctx.config.teacher.cfg_scale;
-        Ok(sample_ode(
-            &ctx.schedule,
-            noise.clone(),
-            &timesteps,
-            |x, t| guided_x0_eps(self.net.as_ref(), x, t, cond, cfg),
-        )?)
+        let t = &ctx.config.teacher;
+        self.sample_guided(t.sampling_steps, t.cfg_scale, noise, cond)
     }
 }
 

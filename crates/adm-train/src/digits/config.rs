@@ -264,11 +264,7 @@ impl DigitsRunConfig {
             ("model.layers_per_block", self.model.layers_per_block),
             ("model.attention_heads", self.model.attention_heads),
         ];
-        for (key, value) in positive {
-            if value == 0 {
-                bail!("config key `{key}` must be positive");
-            }
-        }
+        crate::config::ensure_positive_counts(&positive)?;
         let rates = [
             ("teacher.learning_rate", self.teacher.learning_rate),
             ("teacher.cfg_scale", self.teacher.cfg_scale),
@@ -283,11 +279,7 @@ impl DigitsRunConfig {
             ("adp.lr_generator", self.adp.lr_generator),
             ("adp.lr_discriminator", self.adp.lr_discriminator),
         ];
-        for (key, value) in rates {
-            if !(value.is_finite() && value > 0.0) {
-                bail!("config key `{key}` must be a positive number, got {value}");
-            }
-        }
+        crate::config::ensure_positive_rates(&rates)?;
         if !(0.0..1.0).contains(&self.teacher.condition_dropout) {
             bail!("config key `teacher.condition_dropout` must be in [0, 1)");
         }

@@ -17,14 +17,14 @@ use adm_data::store::{
     ConditionSpec, Manifest, Partition, StoreDtype, StoreReader, StoreSpec, StoreWriter,
 };
 use adm_data::{Digits, DIGIT_SIZE, NUM_DIGIT_CLASSES};
-use adm_diffusion::{sample_ode, Schedule};
+use adm_diffusion::Schedule;
 use adm_eval::{digits_metrics, DigitsMetrics, Scored, Table};
 use adm_models::sam::{SamFeatureExtractor, SamVisionEncoder};
 use adm_models::unet_2d::{
     Config as UNetConfig, UNet2DConditionModel, UNetBackbone, ENCODER_HIDDEN_STATES,
     NEGATIVE_ENCODER_HIDDEN_STATES,
 };
-use adm_models::{guided_x0_eps, varmap_tensors, Backbone, Condition, Decoder};
+use adm_models::{varmap_tensors, Backbone, Condition, Decoder};
 use adm_nn::derive_seed;
 use anyhow::{Context as _, Result};
 use candle_core::{DType, Device, Tensor};
@@ -43,9 +43,9 @@ use crate::engine::{
 use crate::metrics::MetricsLog;
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::pairs::PairSource;
-use crate::pipeline::{trace_ends, write_json_atomic};
+use crate::pipeline::{dmd_span, trace_ends, write_json_atomic};
 use crate::student::{Student, Trainable};
-use crate::teacher::{cached_weights, store_weights, teacher_lr_decay};
+use crate::teacher::{cached_weights, store_weights, teacher_lr_decay, Teacher};
 pub use classifier::{train_classifier, Classifier};
 pub use config::{DigitsMethod, DigitsRunConfig, JOB};
 
@@ -135,35 +135,18 @@ impl DigitsContext {
     }
 }
 
-/// The frozen teacher and its weights (which initialise students and fake scores).
-pub struct DigitsTeacher {
-    pub net: Arc<UNetBackbone>,
-    pub weights: HashMap<String, Tensor>,
-}
+/// The frozen UNet teacher and its weights.
+pub type DigitsTeacher = Teacher<UNetBackbone>;
 
 impl DigitsTeacher {
     fn from_weights(ctx: &DigitsContext, weights: HashMap<String, Tensor>) -> Result<Self> {
-        let weights: HashMap<String, Tensor> =
-            weights.into_iter().map(|(n, t)| (n, t.detach())).collect();
-        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &ctx.device);
-        Ok(Self {
-            net: Arc::new(ctx.build_unet(vb)?),
-            weights,
-        })
+        Self::frozen(weights, &ctx.device, ctx.unet_builder())
     }
 
     /// Deterministic DDIM samples with CFG from `noise`.
     pub fn sample(&self, ctx: &DigitsContext, noise: &Tensor, cond: &Condition) -> Result<Tensor> {
-        let timesteps = ctx
-            .schedule
-            .sampling_timesteps(ctx.config.teacher.sampling_steps)?;
-        let cfg = ctx.config.teacher.cfg_scale;
-        Ok(sample_ode(
-            &ctx.schedule,
-            noise.clone(),
-            &timesteps,
-            |x, t| guided_x0_eps(self.net.as_ref(), x, t, cond, cfg),
-        )?)
+        let t = &ctx.config.teacher;
+        self.sample_guided(t.sampling_steps, t.cfg_scale, noise, cond)
     }
 }
 
@@ -768,10 +751,7 @@ fn render_table(rows: &[DigitsRow]) -> Result<String> {
     )?;
     for row in rows {
         let m = &row.metrics;
-        let dmd = match (row.dmd_loss_start, row.dmd_loss_end) {
-            (Some(a), Some(b)) => format!("{a:.4} -> {b:.4}"),
-            _ => "-".to_string(),
-        };
+        let dmd = dmd_span(row.dmd_loss_start, row.dmd_loss_end);
         table.add_row(
             row.method.clone(),
             vec![
