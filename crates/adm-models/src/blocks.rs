@@ -1,9 +1,11 @@
 //! Building blocks the UNet and the VAE share: diffusers uses the same classes (and tensor
 //! names) in both.
 
+use adm_nn::{group_norm, GroupNorm};
+use adm_nn::{linear, Linear};
 use adm_nn::{Conv2d, Conv2dConfig};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// A biased `kernel`x`kernel` conv2d with the given stride and padding (adm-nn's, whose
 /// backward is fast and correct for every input size).
@@ -71,8 +73,10 @@ impl ResnetBlock2D {
         let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
         match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
-                let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-                h = h.broadcast_add(&t)?;
+                // One value per (sample, channel), added over the plane.
+                let t = proj.forward(&temb.silu()?)?.flatten_all()?;
+                let (b, c, y, x) = h.dims4()?;
+                h = adm_nn::bias_add(&h.reshape((b * c, y * x))?, &t, 0)?.reshape((b, c, y, x))?;
             }
             (None, None) => {}
             (Some(_), None) => candle_core::bail!("ResnetBlock2D: needs a time embedding"),

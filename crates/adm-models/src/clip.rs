@@ -12,8 +12,9 @@
 
 use std::path::Path;
 
+use adm_nn::{linear, linear_no_bias, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, linear, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// transformers' `CLIPTextConfig` (a text encoder's config.json). Unknown keys are ignored.

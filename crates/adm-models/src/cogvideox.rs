@@ -29,11 +29,9 @@
 //! [`Config::validate`].
 
 use adm_diffusion::Schedule;
-use adm_nn::{LayerNorm, RopeLayout};
+use adm_nn::{linear, linear_b, LayerNorm, Linear, RopeLayout};
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
-use candle_nn::{
-    conv2d, conv2d_no_bias, linear, linear_b, Conv2d, Conv2dConfig, Linear, VarBuilder,
-};
+use candle_nn::{conv2d, conv2d_no_bias, Conv2d, Conv2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};

@@ -35,14 +35,15 @@
 //! (see [`Config::validate`]). Tensor names follow diffusers
 //! (`decoder.up_blocks.0.resnets.1.norm2.conv_y.conv.weight`, ...). Only ops whose backward
 //! is verified are used (CANDLE_PITFALLS.md): `adm_nn::conv3d`, `adm_nn::upsample_nearest3d`,
-//! candle's GroupNorm and `adm_nn::Conv2d`.
+//! `adm_nn::GroupNorm` and `adm_nn::Conv2d`.
 
 use std::path::Path;
 
 use adm_nn::Conv2d;
 use adm_nn::{conv3d, upsample_nearest3d, Conv3d, Conv3dConfig};
+use adm_nn::{group_norm, GroupNorm};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::blocks::conv;

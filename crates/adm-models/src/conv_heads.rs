@@ -7,8 +7,9 @@
 //! DMD2 / LADD (strided convs with group norm). The 3D variant uses a `3x4x4` kernel, stride
 //! `1x2x2`: it mixes neighbouring frames but keeps the frame count.
 
+use adm_nn::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, GroupNorm, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::heads::Heads;

@@ -43,9 +43,10 @@
 
 use std::sync::Arc;
 
+use adm_nn::{linear_b, Linear};
 use adm_nn::{Conv2d, Conv2dConfig, LayerNorm};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear_b, Init, Linear, VarBuilder, VarMap};
+use candle_nn::{Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::conv_heads::ConvHeadConfig;

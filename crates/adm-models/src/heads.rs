@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
+use adm_nn::{linear, Linear};
 use candle_core::{Result, Tensor};
-use candle_nn::{linear, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 use crate::backbone::{Backbone, Condition};
 use crate::conv_heads::{ConvHeadConfig, ConvHeadSet};

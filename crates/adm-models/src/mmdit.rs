@@ -21,8 +21,9 @@
 
 use adm_diffusion::{Schedule, ScheduleConfig};
 use adm_nn::Conv2d;
+use adm_nn::{linear, Linear};
 use candle_core::{Module, Result, Shape, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};

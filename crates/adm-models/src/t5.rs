@@ -30,8 +30,9 @@
 
 use std::path::Path;
 
+use adm_nn::{linear_no_bias, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// transformers' `T5Config` (the fields the encoder uses; unknown keys are ignored).

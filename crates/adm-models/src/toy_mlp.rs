@@ -3,8 +3,9 @@
 //! so the toy exercises exactly the training code the large models use.
 
 use adm_diffusion::Schedule;
+use adm_nn::{linear, Linear};
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{embedding, linear, Embedding, Linear, Module, VarBuilder};
+use candle_nn::{embedding, Embedding, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};

@@ -5,8 +5,9 @@
 //! safetensors) loads as it is. Only ops whose backward is verified are used
 //! (CANDLE_PITFALLS.md): attention is `adm_nn::scaled_dot_product_attention`, layer norm is
 //! `adm_nn::LayerNorm`, nearest upsampling is `adm_nn::upsample_nearest2d`, conv2d is
-//! `adm_nn::Conv2d` (candle's conv2d backward is slow and fails on unequal H/W parity);
-//! GroupNorm and Linear come from candle_nn.
+//! `adm_nn::Conv2d` (candle's conv2d backward is slow and fails on unequal H/W parity),
+//! GroupNorm is `adm_nn::GroupNorm` (one fused CPU kernel each way); Linear comes from
+//! candle_nn.
 //!
 //! Spatial sizes must be multiples of `2^(number of downsamplers)`: diffusers then never needs
 //! an explicit `upsample_size`.
@@ -17,8 +18,10 @@ use std::collections::BTreeSet;
 
 use adm_diffusion::Schedule;
 use adm_nn::Conv2d;
-use candle_core::{DType, Module, Result, Shape, Tensor, D};
-use candle_nn::{group_norm, linear, linear_no_bias, GroupNorm, Linear, VarBuilder};
+use adm_nn::{group_norm, GroupNorm};
+use adm_nn::{linear, linear_no_bias, Linear};
+use candle_core::{DType, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, Condition, FeatureTap};
@@ -642,7 +645,6 @@ impl Attention {
 struct FeedForward {
     proj: Linear,
     out: Linear,
-    inner: usize,
 }
 
 impl FeedForward {
@@ -651,18 +653,14 @@ impl FeedForward {
         Ok(Self {
             proj: linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
             out: linear(inner, dim, vb.pp("net.2"))?,
-            inner,
         })
     }
 }
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let value = h.narrow(D::Minus1, 0, self.inner)?;
-        // PyTorch's F.gelu default is the exact (erf) GELU.
-        let gate = h.narrow(D::Minus1, self.inner, self.inner)?.gelu_erf()?;
-        self.out.forward(&(value * gate)?)
+        // diffusers' GEGLU: value * F.gelu(gate), the exact (erf) GELU.
+        self.out.forward(&adm_nn::geglu(&self.proj.forward(xs)?)?)
     }
 }
 

@@ -7,7 +7,7 @@
 //! `vae/` folder (config.json + safetensors) loads as it is. Only ops whose backward is
 //! verified are used (CANDLE_PITFALLS.md): the mid-block attention is
 //! `adm_nn::scaled_dot_product_attention`, nearest upsampling is `adm_nn::upsample_nearest2d`,
-//! conv2d is `adm_nn::Conv2d`; GroupNorm comes from candle_nn.
+//! conv2d is `adm_nn::Conv2d`, GroupNorm is `adm_nn::GroupNorm`.
 //!
 //! Latent scaling: the diffusion model sees `(z - shift_factor) * scaling_factor`
 //! ([`AutoencoderKL::scale_latents`]); [`AutoencoderKL::decode_scaled`] undoes it before
@@ -17,8 +17,10 @@
 //! matrix is (H/8 · W/8)² per image (1 GiB in f32 for a 1024² SDXL image).
 
 use adm_nn::Conv2d;
+use adm_nn::{group_norm, GroupNorm};
+use adm_nn::{linear, Linear};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::blocks::{conv, ResnetBlock2D};

@@ -1,16 +1,20 @@
-//! A 2-D convolution whose backward pass runs on candle's fast forward convolution.
+//! A 2-D convolution with a fast, correct backward pass on the CPU.
 //!
-//! candle 0.11.1 differentiates `conv2d` with `conv_transpose2d` for the input gradient, a
-//! direct loop that is 2-4x slower than the forward on the CPU, and computes a strided
-//! convolution's weight gradient with a dilated kernel, about 10x slower than the forward
-//! (measured at 64-256 channels, 8-32 px, one thread; docs/benchmarks.md). Its backward also
-//! fails when the two spatial sizes have different parities (CANDLE_PITFALLS.md). Here both
-//! gradients are ordinary stride-1 convolutions (Dumoulin & Visin 2016, "A guide to
-//! convolution arithmetic", sections 4-5): the input gradient is the full correlation of the
-//! zero-dilated output gradient with the flipped, transposed kernel; the weight gradient is
-//! the correlation of the padded input with the zero-dilated output gradient.
+//! candle 0.11.1's CPU `conv2d` unfolds its input with a scalar, scattered im2col and copies
+//! the product back out element by element (about a quarter of a UNet training step,
+//! docs/benchmarks.md); it differentiates itself with `conv_transpose2d`, a direct loop 2-4x
+//! slower than the forward, and a dilated kernel for strided weight gradients, about 10x
+//! slower; and its backward fails when the two spatial sizes have different parities
+//! (CANDLE_PITFALLS.md). On the CPU this convolution is instead our own im2col
+//! ([`crate::fused`]) followed by one batched matmul, `out_b = W (C_out, C_in kh kw) ·
+//! cols_b`, which writes (B, C_out, Ho Wo) in place; a 1x1 stride-1 convolution needs no
+//! unfolding at all. Autograd then differentiates the matmul (two more GEMMs) and the im2col
+//! (its adjoint, col2im). Half-precision CPU inputs are computed in f32 (candle has no CPU
+//! bf16 convolution at all).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
+
+use crate::fused::{unfold, Windows};
 use candle_nn::VarBuilder;
 
 /// Padding and stride of a convolution (no dilation, no groups).
@@ -32,8 +36,8 @@ impl Default for Conv2dConfig {
 /// `x` (B, C_in, H, W) convolved with `weight` (C_out, C_in, kh, kw): output
 /// (B, C_out, (H + 2p - kh) / s + 1, (W + 2p - kw) / s + 1), as `Tensor::conv2d`.
 ///
-/// On the CPU the backward pass uses [`conv2d_input_grad`] and [`conv2d_weight_grad`]; on
-/// other devices this is candle's `conv2d` with its own backward.
+/// On the CPU this is im2col and a matmul; on other devices it is candle's `conv2d` with its
+/// own backward.
 pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> {
     let (_, c_in, h, w) = x.dims4()?;
     let (_, k_in, kh, kw) = weight.dims4()?;
@@ -47,140 +51,33 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
             cfg.stride
         )
     }
-    if !x.device().is_cpu() {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16) {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return conv2d(&f32(x)?, &f32(weight)?, cfg)?.to_dtype(x.dtype());
+    }
+    if !crate::fused::applies(x) {
         return x.conv2d(weight, cfg.padding, cfg.stride, 1, 1);
     }
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, Conv2dOp(cfg))
-}
-
-/// The gradient of `conv2d(x, weight, cfg)` with respect to `x` (of size `h` x `w`), given
-/// the output gradient `grad` (B, C_out, Ho, Wo).
-pub fn conv2d_input_grad(
-    grad: &Tensor,
-    weight: &Tensor,
-    (h, w): (usize, usize),
-    cfg: Conv2dConfig,
-) -> Result<Tensor> {
-    let (_, _, kh, kw) = weight.dims4()?;
-    let grad = dilate(grad, cfg.stride)?;
-    // The flipped kernel with input and output channels swapped: (C_in, C_out, kh, kw).
-    let flipped = flip(&flip(&weight.transpose(0, 1)?.contiguous()?, 2)?, 3)?;
-    // Full correlation: rows 0..(Ho-1)s+kh of the padded input; crop the padding and add
-    // the rows the last window never reached (their gradient is zero).
-    let full = grad
-        .pad_with_zeros(2, kh - 1, kh - 1)?
-        .pad_with_zeros(3, kw - 1, kw - 1)?
-        .conv2d(&flipped, 0, 1, 1, 1)?;
-    let (_, _, full_h, full_w) = full.dims4()?;
-    full.pad_with_zeros(2, 0, (cfg.padding + h).saturating_sub(full_h))?
-        .pad_with_zeros(3, 0, (cfg.padding + w).saturating_sub(full_w))?
-        .narrow(2, cfg.padding, h)?
-        .narrow(3, cfg.padding, w)
-}
-
-/// The gradient of `conv2d(x, weight, cfg)` with respect to a weight of spatial size
-/// `kh` x `kw`, given the output gradient `grad`.
-pub fn conv2d_weight_grad(
-    x: &Tensor,
-    grad: &Tensor,
-    (kh, kw): (usize, usize),
-    cfg: Conv2dConfig,
-) -> Result<Tensor> {
-    let p = cfg.padding;
-    let x = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-    let grad = dilate(grad, cfg.stride)?;
-    // Batch becomes the reduction axis: (C_in, B, H', W') * (C_out, B, hd, wd).
-    x.transpose(0, 1)?
-        .contiguous()?
-        .conv2d(&grad.transpose(0, 1)?.contiguous()?, 0, 1, 1, 1)?
-        .narrow(2, 0, kh)?
-        .narrow(3, 0, kw)?
-        .transpose(0, 1)?
-        .contiguous()
-}
-
-/// Inserts `stride - 1` zeros between neighbouring elements of the last two axes.
-fn dilate(x: &Tensor, stride: usize) -> Result<Tensor> {
-    if stride == 1 {
-        return Ok(x.clone());
-    }
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?
-        .pad_with_zeros(3, 0, stride - 1)?
-        .pad_with_zeros(5, 0, stride - 1)?
-        .reshape((b, c, h * stride, w * stride))?
-        .narrow(2, 0, (h - 1) * stride + 1)?
-        .narrow(3, 0, (w - 1) * stride + 1)
-}
-
-/// `x` (contiguous) reversed along `dim`.
-fn flip(x: &Tensor, dim: usize) -> Result<Tensor> {
-    let n = x.dim(dim)?;
-    let reversed: Vec<u32> = (0..n as u32).rev().collect();
-    x.index_select(&Tensor::new(reversed, x.device())?, dim)
-}
-
-struct Conv2dOp(Conv2dConfig);
-
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "adm-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        weight: &CpuStorage,
-        weight_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_tensor(x, x_layout)?;
-        let weight = cpu_tensor(weight, weight_layout)?;
-        let out = x.conv2d(&weight, self.0.padding, self.0.stride, 1, 1)?;
-        let shape = out.shape().clone();
-        let out = out.flatten_all()?;
-        let storage = match out.dtype() {
-            DType::F32 => CpuStorage::F32(out.to_vec1()?),
-            DType::F64 => CpuStorage::F64(out.to_vec1()?),
-            DType::F16 => CpuStorage::F16(out.to_vec1()?),
-            DType::BF16 => CpuStorage::BF16(out.to_vec1()?),
-            other => candle_core::bail!("conv2d: unsupported dtype {other:?}"),
-        };
-        Ok((storage, shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
-        let (_, _, h, w) = x.dims4()?;
-        let (_, _, kh, kw) = weight.dims4()?;
-        Ok((
-            Some(conv2d_input_grad(&grad, &weight, (h, w), self.0)?),
-            Some(conv2d_weight_grad(&x, &grad, (kh, kw), self.0)?),
-        ))
-    }
-}
-
-/// A CPU tensor over the contiguous elements of `storage` that `layout` selects.
-fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("conv2d: operands must be contiguous")
+    let (b, c_out) = (x.dim(0)?, weight.dim(0)?);
+    let win = Windows {
+        kh,
+        kw,
+        padding: cfg.padding,
+        stride: cfg.stride,
+        h,
+        w,
     };
-    let shape = layout.shape();
-    let device = &candle_core::Device::Cpu;
-    match storage {
-        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], shape, device),
-        CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], shape, device),
-        CpuStorage::F16(v) => Tensor::from_slice(&v[start..end], shape, device),
-        CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], shape, device),
-        _ => candle_core::bail!("conv2d: unsupported dtype (f32, f64, f16, bf16 only)"),
-    }
+    let (ho, wo) = win.out_size();
+    let cols = if (kh, kw, cfg.padding, cfg.stride) == (1, 1, 0, 1) {
+        x.reshape((b, c_in, h * w))?
+    } else {
+        unfold(x, win)?
+    };
+    weight
+        .reshape((c_out, c_in * kh * kw))?
+        .broadcast_left(b)?
+        .matmul(&cols)?
+        .reshape((b, c_out, ho, wo))
 }
 
 /// A biased or unbiased convolution layer with the tensor names of `candle_nn::Conv2d`
@@ -231,7 +128,7 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let out = conv2d(x, &self.weight, self.cfg)?;
         match &self.bias {
-            Some(bias) => out.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+            Some(bias) => crate::ops::bias_add(&out, bias, 1),
             None => Ok(out),
         }
     }
@@ -304,11 +201,12 @@ mod tests {
             padding: 1,
             stride: 1,
         };
-        let loss = (conv2d(x.as_tensor(), &weight, cfg)?.sum_all()? + x.sqr()?.sum_all()?)?;
-        let grads = loss.backward()?;
+        let conv = |x: &Tensor| conv2d(x, &weight, cfg)?.sum_all();
+        let grads = (conv(x.as_tensor())? + x.sqr()?.sum_all()?)?.backward()?;
         let ours = grads.get(x.as_tensor()).expect("x has a gradient");
-        let ones = Tensor::ones((1, 3, 4, 5), DType::F64, x.device())?;
-        let want = (conv2d_input_grad(&ones, &weight, (4, 5), cfg)? + (x.as_tensor() * 2.0)?)?;
+        let alone = conv(x.as_tensor())?.backward()?;
+        let alone = alone.get(x.as_tensor()).expect("x has a gradient");
+        let want = (alone + (x.as_tensor() * 2.0)?)?;
         assert_close(&to_vec(ours)?, &to_vec(&want)?, 1e-12);
         Ok(())
     }

@@ -1,11 +1,12 @@
-//! Softmax, log-softmax, layer norm and RMS norm composed from primitives whose gradients are
-//! correct in candle 0.11.1.
+//! Softmax, log-softmax, layer norm, group norm and RMS norm with correct gradients.
 //!
 //! candle's fused `candle_nn::ops::{softmax_last_dim, layer_norm, rms_norm}` and the
 //! `LayerNorm` / `RmsNorm` modules built on them return results that carry no gradient at all
 //! (see CANDLE_PITFALLS.md): a model using them trains everything except those parameters and
-//! whatever sits before them, without any error. Everything here is built from `exp`, `log`,
-//! `sqrt`, sums, means and broadcasting arithmetic only.
+//! whatever sits before them, without any error. Here softmax over the last dimension, layer
+//! norm and group norm run on our own fused CPU kernels with hand-written backward passes
+//! ([`crate::fused`]); everything else, and every op on other devices, is built from `exp`,
+//! `log`, `sqrt`, sums, means and broadcasting arithmetic only.
 
 use candle_core::shape::Dim;
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -27,6 +28,9 @@ pub fn softmax<I: Dim>(x: &Tensor, dim: I) -> Result<Tensor> {
     let dim = dim.to_index(x.shape(), "softmax")?;
     let dtype = x.dtype();
     let x = x.to_dtype(compute_dtype(dtype))?;
+    if dim + 1 == x.rank() && crate::fused::applies(&x) {
+        return crate::fused::softmax_last_dim(&x)?.to_dtype(dtype);
+    }
     let max = x.max_keepdim(dim)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(dim)?;
@@ -40,6 +44,31 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     const TWO_SQRT_2_OVER_PI: f64 = 1.595_769_121_605_730_7;
     let inner = (x + (x.sqr()? * x)?.affine(0.044715, 0.0)?)?;
     x * candle_nn::ops::sigmoid(&inner.affine(TWO_SQRT_2_OVER_PI, 0.0)?)?
+}
+
+/// GEGLU of `x` (..., 2n) = (..., [a | g]): `a · gelu(g)` with the exact (erf) GELU, (..., n)
+/// (diffusers' `GEGLU`). Half-precision inputs are computed in f32 and cast back.
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(compute_dtype(dtype))?;
+    if crate::fused::applies(&x) {
+        return crate::fused::geglu(&x)?.to_dtype(dtype);
+    }
+    let n = x.dim(D::Minus1)? / 2;
+    let gate = x.narrow(D::Minus1, n, n)?.gelu_erf()?;
+    (x.narrow(D::Minus1, 0, n)? * gate)?.to_dtype(dtype)
+}
+
+/// `x + bias` with `bias` (n elements) running along `axis` of `x` (of size n) and broadcast
+/// over the other axes: a linear layer's bias (the last axis), a convolution's (axis 1).
+/// Unlike `broadcast_add`, its CPU backward sums the bias gradient in one vectorised pass.
+pub fn bias_add(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
+    if crate::fused::applies(x) && bias.dtype() == x.dtype() && bias.device().is_cpu() {
+        return crate::fused::bias_add(x, bias, axis);
+    }
+    let mut shape = vec![1; x.rank()];
+    shape[axis] = x.dim(axis)?;
+    x.broadcast_add(&bias.reshape(shape)?)
 }
 
 /// Log-softmax along `dim`: `x - max - log(sum(exp(x - max)))` with the maximum detached.
@@ -66,15 +95,60 @@ pub fn layer_norm(
     let dtype = x.dtype();
     let cdt = compute_dtype(dtype);
     let x = x.to_dtype(cdt)?;
+    let (weight, bias) = (cast(weight, cdt)?, cast(bias, cdt)?);
+    if crate::fused::applies(&x) {
+        return crate::fused::layer_norm(&x, weight.as_ref(), bias.as_ref(), eps)?.to_dtype(dtype);
+    }
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let mut y = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
     if let Some(w) = weight {
-        y = y.broadcast_mul(&w.to_dtype(cdt)?)?;
+        y = y.broadcast_mul(&w)?;
     }
     if let Some(b) = bias {
-        y = y.broadcast_add(&b.to_dtype(cdt)?)?;
+        y = y.broadcast_add(&b)?;
+    }
+    y.to_dtype(dtype)
+}
+
+fn cast(t: Option<&Tensor>, dtype: DType) -> Result<Option<Tensor>> {
+    t.map(|t| t.to_dtype(dtype)).transpose()
+}
+
+/// Group normalisation of `x` (B, C, ...) over `groups` groups of `C / groups` channels
+/// (biased variance, as PyTorch), then per-channel `weight` and `bias`. f16/bf16 inputs are
+/// normalised in f32 and the result cast back.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+        candle_core::bail!("group_norm: {groups} groups do not divide the channels of {dims:?}")
+    }
+    let dtype = x.dtype();
+    let cdt = compute_dtype(dtype);
+    let x = x.to_dtype(cdt)?;
+    let (weight, bias) = (cast(weight, cdt)?, cast(bias, cdt)?);
+    if crate::fused::applies(&x) {
+        return crate::fused::group_norm(&x, groups, weight.as_ref(), bias.as_ref(), eps)?
+            .to_dtype(dtype);
+    }
+    // Each (sample, group) block is one row of a layer norm without affine parameters.
+    let mut y = layer_norm(&x.reshape((dims[0], groups, ()))?, None, None, eps)?;
+    y = y.reshape(dims.as_slice())?;
+    // (1, C, 1, ...): the per-channel parameters broadcast over the rest.
+    let mut per_channel = vec![1; dims.len()];
+    per_channel[1] = dims[1];
+    if let Some(w) = weight {
+        y = y.broadcast_mul(&w.reshape(per_channel.as_slice())?)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.reshape(per_channel.as_slice())?)?;
     }
     y.to_dtype(dtype)
 }
@@ -115,6 +189,28 @@ impl Module for LayerNorm {
     }
 }
 
+/// Group norm over `groups` groups of channels with optional per-channel `weight` / `bias`
+/// (the PyTorch / diffusers names), a drop-in for `candle_nn::GroupNorm`.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    pub weight: Option<Tensor>,
+    pub bias: Option<Tensor>,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        group_norm(
+            xs,
+            self.groups,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.eps,
+        )
+    }
+}
+
 /// RMS norm over the last dimension with an optional scale `weight`. Unlike
 /// `candle_nn::RmsNorm::forward` its output carries a gradient.
 #[derive(Debug, Clone)]
@@ -139,7 +235,7 @@ impl Module for RmsNorm {
 /// (`candle_nn::layer_norm` builds a module, `candle_nn::ops::layer_norm` is the function);
 /// re-exported at the crate root as `adm_nn::layer_norm` / `adm_nn::rms_norm`.
 pub mod layers {
-    use super::{LayerNorm, RmsNorm};
+    use super::{GroupNorm, LayerNorm, RmsNorm};
     use candle_core::Result;
     use candle_nn::{Init, VarBuilder};
 
@@ -158,6 +254,25 @@ pub mod layers {
         } else {
             Ok(LayerNorm::new(None, None, eps))
         }
+    }
+
+    /// Builds a [`GroupNorm`] of `channels` in `groups` groups, loading (or creating,
+    /// initialised to 1 and 0) `weight` and `bias`, as `candle_nn::group_norm`.
+    pub fn group_norm(
+        groups: usize,
+        channels: usize,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<GroupNorm> {
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!("group_norm: {groups} groups do not divide {channels} channels")
+        }
+        Ok(GroupNorm {
+            weight: Some(vb.get_with_hints(channels, "weight", Init::Const(1.0))?),
+            bias: Some(vb.get_with_hints(channels, "bias", Init::Const(0.0))?),
+            groups,
+            eps,
+        })
     }
 
     /// Builds an [`RmsNorm`] of `size` features, loading (or creating, initialised to 1)

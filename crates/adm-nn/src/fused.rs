@@ -1,0 +1,881 @@
+//! Fused CPU kernels with hand-written backward passes: softmax, layer norm, group norm,
+//! GEGLU, bias addition and the im2col unfolding behind [`crate::conv2d`].
+//!
+//! The composed versions in [`crate::ops`] cost one candle pass per primitive (five to eight
+//! over the tensor forward, more backward), each allocating a fresh buffer; in the UNet those
+//! passes and candle's scalar im2col took over half of a training step on the CPU
+//! (docs/benchmarks.md). Here each forward is one kernel over contiguous rows, and each
+//! backward is one more kernel that recomputes the row statistics instead of storing them.
+//! The gradients are the standard ones:
+//!
+//! - softmax `y`: `dx = y (dy - Σ dy y)`;
+//! - normalisation `x̂ = (x - μ) r`, `r = 1 / sqrt(σ² + ε)` over `n` elements:
+//!   `dx = r (g - mean(g) - x̂ mean(g x̂))` with `g = dy w`, `dw = Σ dy x̂`, `db = Σ dy`
+//!   (Ioffe & Szegedy 2015, section 3);
+//! - GEGLU `y = a gelu(g)`, `gelu(g) = g Φ(g)`: `da = dy gelu(g)`,
+//!   `dg = dy a (Φ(g) + g φ(g))` (Shazeer 2020, "GLU variants improve transformer");
+//! - bias addition `y = x + b` along one axis: `dx = dy`, `db = Σ dy` over the other axes
+//!   (candle reduces broadcast gradients with a slow strided sum);
+//! - im2col is linear; its adjoint (col2im) sums each window element back to its pixel.
+//!
+//! The kernels run on contiguous f32 / f64 CPU tensors. Callers cast f16 / bf16 to f32 first
+//! and use the composed ops on other devices.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// The float types the kernels are written for.
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::Neg<Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(v: f64) -> Self;
+    fn from_usize(v: usize) -> Self;
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty, $erf:path) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn from_usize(v: usize) -> Self {
+                v as $t
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+        }
+    };
+}
+real!(f32, candle_core::cpu::erf::erf_f32);
+real!(f64, candle_core::cpu::erf::erf_f64);
+
+/// Eight independent accumulators, so the compiler vectorises the sum.
+const LANES: usize = 8;
+
+fn sum<T: Real>(xs: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    tail.iter().fold(fold(acc), |s, &x| s + x)
+}
+
+/// `Σ f(a_i, b_i)`, vectorised like [`sum`].
+fn sum_zip<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = ca.remainder().iter().zip(cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += f(x[i], y[i]);
+        }
+    }
+    tail.fold(fold(acc), |s, (&x, &y)| s + f(x, y))
+}
+
+fn fold<T: Real>(acc: [T; LANES]) -> T {
+    acc.iter().fold(T::ZERO, |s, &x| s + x)
+}
+
+/// Mean and `1 / sqrt(var + eps)` (biased variance, two passes).
+fn moments<T: Real>(xs: &[T], eps: T) -> (T, T) {
+    let n = T::from_usize(xs.len());
+    let mean = sum(xs) / n;
+    let var = sum_zip(xs, xs, |x, _| (x - mean) * (x - mean)) / n;
+    (mean, T::ONE / (var + eps).sqrt())
+}
+
+/// The contiguous elements of an f32 / f64 storage, as a typed slice.
+enum Slice<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+fn slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Slice<'a>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the operand must be contiguous")
+    };
+    Ok(match storage {
+        CpuStorage::F32(v) => Slice::F32(&v[start..end]),
+        CpuStorage::F64(v) => Slice::F64(&v[start..end]),
+        other => candle_core::bail!("{op}: {:?} is not supported (f32, f64)", other.dtype()),
+    })
+}
+
+/// Runs a kernel written once for both float types on operands of one dtype.
+macro_rules! dispatch {
+    ($op:expr, [$($s:expr),+], |$($v:ident),+| $body:expr) => {{
+        match ($(slice($op, $s.0, $s.1)?,)+) {
+            ($(Slice::F32($v),)+) => CpuStorage::F32($body),
+            ($(Slice::F64($v),)+) => CpuStorage::F64($body),
+            #[allow(unreachable_patterns)]
+            _ => candle_core::bail!("{}: operands of different dtypes", $op),
+        }
+    }};
+}
+
+/// Whether the fused kernels serve `x`: a CPU tensor of f32 or f64.
+pub(crate) fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+// ---------------------------------------------------------------------------------------
+// Softmax over the last dimension.
+
+/// Softmax over the last dimension of a contiguous CPU f32 / f64 tensor.
+pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SoftmaxLastDim)
+}
+
+struct SoftmaxLastDim;
+
+fn softmax_rows<T: Real>(x: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    for (row, y) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let max = row.iter().fold(row[0], |m, &v| if v > m { v } else { m });
+        for (y, &v) in y.iter_mut().zip(row) {
+            *y = (v - max).exp();
+        }
+        let inv = T::ONE / sum(y);
+        y.iter_mut().for_each(|v| *v = *v * inv);
+    }
+    out
+}
+
+fn softmax_grad_rows<T: Real>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; y.len()];
+    for ((y, dy), dx) in y
+        .chunks_exact(d)
+        .zip(dy.chunks_exact(d))
+        .zip(out.chunks_exact_mut(d))
+    {
+        let dot = sum_zip(y, dy, |a, b| a * b);
+        for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+            *dx = y * (dy - dot);
+        }
+    }
+    out
+}
+
+fn last_dim(layout: &Layout) -> usize {
+    layout.dims().last().copied().unwrap_or(1).max(1)
+}
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "adm-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = last_dim(l);
+        let out = dispatch!(self.name(), [(s, l)], |x| softmax_rows(x, d));
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "adm-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = last_dim(yl);
+        let out = dispatch!(self.name(), [(ys, yl), (gs, gl)], |y, g| {
+            softmax_grad_rows(y, g, d)
+        });
+        Ok((out, yl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Normalisation: layer norm (rows of the last dimension) and group norm (per sample and
+// group of channels), both `x̂ w + b` with one scale and shift per channel.
+
+/// How a contiguous (B, C, S) tensor splits into normalised blocks: `groups` blocks of
+/// `C / groups` channels per sample for group norm; for layer norm, C = 1 channel of size
+/// S = D per row, `groups` = 1, and the affine parameters run along S.
+#[derive(Clone, Copy)]
+struct NormShape {
+    channels: usize,
+    spatial: usize,
+    groups: usize,
+    /// Layer norm: the per-element affine runs along the last dimension.
+    along_last: bool,
+}
+
+impl NormShape {
+    fn group_len(&self) -> usize {
+        self.channels / self.groups * self.spatial
+    }
+}
+
+/// Group norm: splits the block of `group` into its channels, `(channel index, plane)`.
+fn runs<T>(block: &[T], shape: NormShape, group: usize) -> impl Iterator<Item = (usize, &[T])> {
+    let first = group * (shape.channels / shape.groups);
+    block
+        .chunks_exact(shape.spatial)
+        .enumerate()
+        .map(move |(i, r)| (first + i, r))
+}
+
+fn norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], shape: NormShape, eps: T) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    let n = shape.group_len();
+    for (k, (xs, ys)) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate() {
+        let (mean, r) = moments(xs, eps);
+        let group = k % shape.groups;
+        if shape.along_last {
+            for ((y, &v), (&w, &b)) in ys.iter_mut().zip(xs).zip(w.iter().zip(b)) {
+                *y = (v - mean) * r * w + b;
+            }
+        } else {
+            for ((c, xr), yr) in runs(xs, shape, group).zip(ys.chunks_exact_mut(shape.spatial)) {
+                let (scale, shift) = (r * w[c], b[c] - mean * r * w[c]);
+                for (y, &v) in yr.iter_mut().zip(xr) {
+                    *y = v * scale + shift;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The gradients `[dx | dw | db]` in one buffer.
+fn norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], shape: NormShape, eps: T) -> Vec<T> {
+    let params = w.len();
+    let mut out = vec![T::ZERO; x.len() + 2 * params];
+    let (dx, rest) = out.split_at_mut(x.len());
+    let (dw, db) = rest.split_at_mut(params);
+    let n = shape.group_len();
+    let inv_n = T::ONE / T::from_usize(n);
+    for (k, ((xs, gs), dxs)) in x
+        .chunks_exact(n)
+        .zip(dy.chunks_exact(n))
+        .zip(dx.chunks_exact_mut(n))
+        .enumerate()
+    {
+        let (mean, r) = moments(xs, eps);
+        let group = k % shape.groups;
+        // Σ dy w and Σ dy w x̂ over the block; dw, db accumulate per parameter.
+        let (mut g_sum, mut gx_sum) = (T::ZERO, T::ZERO);
+        if shape.along_last {
+            for ((&v, &g), (&w, (dw, db))) in xs
+                .iter()
+                .zip(gs)
+                .zip(w.iter().zip(dw.iter_mut().zip(db.iter_mut())))
+            {
+                let xhat = (v - mean) * r;
+                g_sum += g * w;
+                gx_sum += g * w * xhat;
+                *dw += g * xhat;
+                *db += g;
+            }
+        } else {
+            for ((c, xr), gr) in runs(xs, shape, group).zip(gs.chunks_exact(shape.spatial)) {
+                let s_g = sum(gr);
+                let s_gx = sum_zip(xr, gr, |v, g| v * g);
+                // Σ g x̂ = r (Σ g x - mean Σ g).
+                let s_gxhat = r * (s_gx - mean * s_g);
+                dw[c] += s_gxhat;
+                db[c] += s_g;
+                g_sum += s_g * w[c];
+                gx_sum += s_gxhat * w[c];
+            }
+        }
+        let (a, bm) = (g_sum * inv_n, gx_sum * inv_n);
+        // dx = r (g w - a - x̂ bm) = r g w - r (a - mean r bm) - x r² bm.
+        let shift = -(r * (a - mean * r * bm));
+        let x_coef = -(r * r * bm);
+        if shape.along_last {
+            for (((dx, &v), &g), &w) in dxs.iter_mut().zip(xs).zip(gs).zip(w) {
+                *dx = r * g * w + x_coef * v + shift;
+            }
+        } else {
+            for (((c, xr), gr), dxr) in runs(xs, shape, group)
+                .zip(gs.chunks_exact(shape.spatial))
+                .zip(dxs.chunks_exact_mut(shape.spatial))
+            {
+                let g_coef = r * w[c];
+                for ((dx, &v), &g) in dxr.iter_mut().zip(xr).zip(gr) {
+                    *dx = g_coef * g + x_coef * v + shift;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Normalises contiguous `x` and applies `w`, `b` (one value per channel; for layer norm per
+/// element of the last dimension). `weight_grads`: whether `w` and `b` are parameters.
+fn normalize(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    shape: NormShape,
+    eps: f64,
+    weight_grads: bool,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        Norm {
+            shape,
+            eps,
+            weight_grads,
+        },
+    )
+}
+
+/// Layer norm over the last dimension; `weight` / `bias` of its size, or none.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let shape = NormShape {
+        channels: 1,
+        spatial: d,
+        groups: 1,
+        along_last: true,
+    };
+    affine_norm(x, weight, bias, d, shape, eps)
+}
+
+/// Group norm of (B, C, ...) over `groups` groups of channels, with per-channel `weight` /
+/// `bias` or none.
+pub(crate) fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let (batch, channels) = (x.dim(0)?, x.dim(1)?);
+    let shape = NormShape {
+        channels,
+        spatial: x.elem_count() / (batch * channels).max(1),
+        groups,
+        along_last: false,
+    };
+    affine_norm(x, weight, bias, channels, shape, eps)
+}
+
+fn affine_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    params: usize,
+    shape: NormShape,
+    eps: f64,
+) -> Result<Tensor> {
+    // Absent parameters are the identity: ones and zeros whose gradients are dropped.
+    let ones;
+    let zeros;
+    let w = match weight {
+        Some(w) => w,
+        None => {
+            ones = Tensor::ones(params, x.dtype(), x.device())?;
+            &ones
+        }
+    };
+    let b = match bias {
+        Some(b) => b,
+        None => {
+            zeros = Tensor::zeros(params, x.dtype(), x.device())?;
+            &zeros
+        }
+    };
+    for (name, t) in [("weight", w), ("bias", b)] {
+        if t.elem_count() != params {
+            candle_core::bail!(
+                "normalisation: {name} has {} elements, expected {params}",
+                t.elem_count()
+            )
+        }
+    }
+    normalize(x, w, b, shape, eps, weight.is_some() || bias.is_some())
+}
+
+struct Norm {
+    shape: NormShape,
+    eps: f64,
+    weight_grads: bool,
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        "adm-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (shape, eps) = (self.shape, self.eps);
+        let out = dispatch!(self.name(), [(xs, xl), (ws, wl), (bs, bl)], |x, w, b| {
+            norm_fwd(x, w, b, shape, Real::from_f64(eps))
+        });
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let all = x.apply_op3_no_bwd(
+            w,
+            &grad.contiguous()?,
+            &NormGrad {
+                shape: self.shape,
+                eps: self.eps,
+            },
+        )?;
+        let (n, p) = (x.elem_count(), w.elem_count());
+        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+        if !self.weight_grads {
+            return Ok((Some(dx), None, None));
+        }
+        let dw = all.narrow(0, n, p)?.reshape(w.shape())?;
+        let db = all.narrow(0, n + p, p)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct NormGrad {
+    shape: NormShape,
+    eps: f64,
+}
+
+impl CustomOp3 for NormGrad {
+    fn name(&self) -> &'static str {
+        "adm-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (shape, eps) = (self.shape, self.eps);
+        let len = xl.shape().elem_count() + 2 * wl.shape().elem_count();
+        let out = dispatch!(self.name(), [(xs, xl), (ws, wl), (gs, gl)], |x, w, g| {
+            norm_bwd(x, w, g, shape, Real::from_f64(eps))
+        });
+        Ok((out, Shape::from(len)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// im2col / col2im.
+
+/// A convolution's window geometry over an `h` x `w` input.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Windows {
+    pub kh: usize,
+    pub kw: usize,
+    pub padding: usize,
+    pub stride: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Windows {
+    pub fn out_size(&self) -> (usize, usize) {
+        let p = self.padding;
+        (
+            (self.h + 2 * p - self.kh) / self.stride + 1,
+            (self.w + 2 * p - self.kw) / self.stride + 1,
+        )
+    }
+
+    /// For kernel offset `k` along an axis of input size `n` and output size `o`: the output
+    /// positions whose input `i = o s + k - p` lies inside the input.
+    fn valid(&self, k: usize, n: usize, o: usize) -> std::ops::Range<usize> {
+        let (s, p) = (self.stride, self.padding);
+        // i >= 0  <=>  o s >= p - k
+        let lo = p.saturating_sub(k).div_ceil(s);
+        // i < n  <=>  o s < n + p - k
+        let hi = (n + p).saturating_sub(k).div_ceil(s).min(o);
+        lo.min(hi)..hi
+    }
+
+    /// Calls `f(kernel position, output row, input row, first input column, output
+    /// columns)` for every kernel position and output row that reads inside the input.
+    fn for_each_row(&self, mut f: impl FnMut(usize, usize, usize, usize, Range2)) {
+        let (ho, wo) = self.out_size();
+        for ki in 0..self.kh {
+            let rows = self.valid(ki, self.h, ho);
+            for kj in 0..self.kw {
+                let cols = self.valid(kj, self.w, wo);
+                let k = ki * self.kw + kj;
+                for oy in rows.clone() {
+                    let iy = oy * self.stride + ki - self.padding;
+                    let ix0 = cols.start * self.stride + kj - self.padding;
+                    f(k, oy, iy, ix0, cols.clone());
+                }
+            }
+        }
+    }
+}
+
+type Range2 = std::ops::Range<usize>;
+
+/// (B, C, H, W) -> (B, C kh kw, Ho Wo): row `(c, ki, kj)` holds input pixel
+/// `(o_y s + ki - p, o_x s + kj - p)` of channel `c` at column `(o_y, o_x)`, zero outside.
+fn im2col<T: Real>(x: &[T], (b, c): (usize, usize), win: Windows) -> Vec<T> {
+    let (ho, wo) = win.out_size();
+    let (k, l, plane) = (win.kh * win.kw, ho * wo, win.h * win.w);
+    let mut out = vec![T::ZERO; b * c * k * l];
+    for (src, dst) in x.chunks_exact(plane).zip(out.chunks_exact_mut(k * l)) {
+        win.for_each_row(|k, oy, iy, ix0, cols| {
+            let row = &mut dst[k * l + oy * wo..][cols.clone()];
+            let input = &src[iy * win.w + ix0..];
+            if win.stride == 1 {
+                row.copy_from_slice(&input[..row.len()]);
+            } else {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = input[j * win.stride];
+                }
+            }
+        });
+    }
+    out
+}
+
+/// The adjoint of [`im2col`]: (B, C kh kw, Ho Wo) -> (B, C, H, W), summing the windows.
+fn col2im<T: Real>(cols: &[T], (b, c): (usize, usize), win: Windows) -> Vec<T> {
+    let (ho, wo) = win.out_size();
+    let (k, l, plane) = (win.kh * win.kw, ho * wo, win.h * win.w);
+    let mut out = vec![T::ZERO; b * c * plane];
+    for (src, dst) in cols.chunks_exact(k * l).zip(out.chunks_exact_mut(plane)) {
+        win.for_each_row(|k, oy, iy, ix0, cols| {
+            let row = &src[k * l + oy * wo..][cols];
+            let target = &mut dst[iy * win.w + ix0..];
+            for (j, &v) in row.iter().enumerate() {
+                target[j * win.stride] += v;
+            }
+        });
+    }
+    out
+}
+
+/// Unfolds contiguous (B, C, H, W) `x` into (B, C kh kw, Ho Wo); differentiable.
+pub(crate) fn unfold(x: &Tensor, win: Windows) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Im2Col(win))
+}
+
+struct Im2Col(Windows);
+struct Col2Im(Windows);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "adm-im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let win = self.0;
+        let [b, c, h, w] = l.dims() else {
+            candle_core::bail!("im2col: expected (B, C, H, W), got {:?}", l.dims())
+        };
+        let (b, c) = (*b, *c);
+        if (*h, *w) != (win.h, win.w) {
+            candle_core::bail!(
+                "im2col: input {h}x{w}, windows made for {}x{}",
+                win.h,
+                win.w
+            )
+        }
+        let (ho, wo) = win.out_size();
+        let out = dispatch!(self.name(), [(s, l)], |x| im2col(x, (b, c), win));
+        Ok((out, Shape::from((b, c * win.kh * win.kw, ho * wo))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "adm-col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let win = self.0;
+        let k = win.kh * win.kw;
+        let [b, ck, _] = l.dims() else {
+            candle_core::bail!("col2im: expected (B, C kh kw, L), got {:?}", l.dims())
+        };
+        let (b, c) = (*b, *ck / k);
+        let out = dispatch!(self.name(), [(s, l)], |x| col2im(x, (b, c), win));
+        Ok((out, Shape::from((b, c, win.h, win.w))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// GEGLU.
+
+/// `a gelu(g)` for contiguous `x` = (..., [a | g]) with halves of size `n`: (..., n).
+pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Geglu)
+}
+
+struct Geglu;
+struct GegluGrad;
+
+/// `Φ(g)` and the density `φ(g)` of the standard normal.
+fn normal_cdf_pdf<T: Real>(g: T) -> (T, T) {
+    let half = T::from_f64(0.5);
+    let cdf = half * (T::ONE + (g * T::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+    let pdf = (-(half * g * g)).exp() * T::from_f64(0.398_942_280_401_432_7);
+    (cdf, pdf)
+}
+
+fn geglu_rows<T: Real>(x: &[T], n: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len() / 2];
+    for (row, y) in x.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
+        let (a, g) = row.split_at(n);
+        for ((y, &a), &g) in y.iter_mut().zip(a).zip(g) {
+            *y = a * g * normal_cdf_pdf(g).0;
+        }
+    }
+    out
+}
+
+fn geglu_grad_rows<T: Real>(x: &[T], dy: &[T], n: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    for ((row, dy), dx) in x
+        .chunks_exact(2 * n)
+        .zip(dy.chunks_exact(n))
+        .zip(out.chunks_exact_mut(2 * n))
+    {
+        let (a, g) = row.split_at(n);
+        let (da, dg) = dx.split_at_mut(n);
+        for ((((da, dg), &a), &g), &dy) in da.iter_mut().zip(dg).zip(a).zip(g).zip(dy) {
+            let (cdf, pdf) = normal_cdf_pdf(g);
+            *da = dy * g * cdf;
+            *dg = dy * a * (cdf + g * pdf);
+        }
+    }
+    out
+}
+
+fn halves(op: &str, l: &Layout) -> Result<(usize, Shape)> {
+    let d = last_dim(l);
+    if d % 2 != 0 {
+        candle_core::bail!("{op}: the last dimension ({d}) must be even")
+    }
+    let mut dims = l.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = d / 2;
+    }
+    Ok((d / 2, Shape::from(dims)))
+}
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "adm-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, shape) = halves(self.name(), l)?;
+        let out = dispatch!(self.name(), [(s, l)], |x| geglu_rows(x, n));
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GegluGrad)?))
+    }
+}
+
+impl CustomOp2 for GegluGrad {
+    fn name(&self) -> &'static str {
+        "adm-geglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, _) = halves(self.name(), xl)?;
+        let out = dispatch!(self.name(), [(xs, xl), (gs, gl)], |x, g| {
+            geglu_grad_rows(x, g, n)
+        });
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bias addition along one axis.
+
+/// `x + bias` for contiguous `x` viewed as (outer, n, inner) around `axis` (of size n) and
+/// `bias` of n elements.
+pub(crate) fn bias_add(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
+    let n = x.dim(axis)?;
+    if bias.elem_count() != n {
+        candle_core::bail!(
+            "bias_add: bias has {} elements, axis {axis} of {:?} has {n}",
+            bias.elem_count(),
+            x.dims()
+        )
+    }
+    x.contiguous()?
+        .apply_op2(&bias.contiguous()?, BiasAdd { axis })
+}
+
+struct BiasAdd {
+    axis: usize,
+}
+
+/// (outer, n, inner) of a layout around `axis`.
+fn around(l: &Layout, axis: usize) -> (usize, usize, usize) {
+    let dims = l.dims();
+    let outer = dims[..axis].iter().product();
+    let inner = dims[axis + 1..].iter().product();
+    (outer, dims[axis], inner)
+}
+
+fn bias_add_blocks<T: Real>(x: &[T], b: &[T], inner: usize) -> Vec<T> {
+    let mut out = x.to_vec();
+    if inner == 1 {
+        for row in out.chunks_exact_mut(b.len()) {
+            for (y, &v) in row.iter_mut().zip(b) {
+                *y += v;
+            }
+        }
+        return out;
+    }
+    for (i, run) in out.chunks_exact_mut(inner).enumerate() {
+        let v = b[i % b.len()];
+        run.iter_mut().for_each(|y| *y += v);
+    }
+    out
+}
+
+fn bias_grad_blocks<T: Real>(g: &[T], n: usize, inner: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; n];
+    if inner == 1 {
+        // Rows of n: vectorised column sums.
+        for row in g.chunks_exact(n) {
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o += v;
+            }
+        }
+    } else {
+        for (i, run) in g.chunks_exact(inner).enumerate() {
+            out[i % n] += sum(run);
+        }
+    }
+    out
+}
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "adm-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, inner) = around(xl, self.axis);
+        let out = dispatch!(self.name(), [(xs, xl), (bs, bl)], |x, b| {
+            bias_add_blocks(x, b, inner)
+        });
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&BiasGrad { axis: self.axis })?
+            .reshape(bias.shape())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+struct BiasGrad {
+    axis: usize,
+}
+
+impl CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "adm-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, n, inner) = around(l, self.axis);
+        let out = dispatch!(self.name(), [(s, l)], |g| bias_grad_blocks(g, n, inner));
+        Ok((out, Shape::from(n)))
+    }
+}
