@@ -7,7 +7,8 @@
 //! slower; and its backward fails when the two spatial sizes have different parities
 //! (CANDLE_PITFALLS.md). On the CPU this convolution is instead our own im2col
 //! ([`crate::fused`]) followed by one batched matmul, `out_b = W (C_out, C_in kh kw) ·
-//! cols_b`, which writes (B, C_out, Ho Wo) in place; a 1x1 stride-1 convolution needs no
+//! cols_b`, which writes (B, C_out, Ho Wo) in place (W is repeated per sample, so that its
+//! gradient is one vectorised sum over the batch); a 1x1 stride-1 convolution needs no
 //! unfolding at all. Autograd then differentiates the matmul (two more GEMMs) and the im2col
 //! (its adjoint, col2im). Half-precision CPU inputs are computed in f32 (candle has no CPU
 //! bf16 convolution at all).
@@ -73,11 +74,9 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
     } else {
         unfold(x, win)?
     };
-    weight
-        .reshape((c_out, c_in * kh * kw))?
-        .broadcast_left(b)?
-        .matmul(&cols)?
-        .reshape((b, c_out, ho, wo))
+    // A materialised batch of kernels: candle would reduce a broadcast one's gradient slowly.
+    let kernels = crate::fused::repeat_batch(&weight.reshape((c_out, c_in * kh * kw))?, b)?;
+    kernels.matmul(&cols)?.reshape((b, c_out, ho, wo))
 }
 
 /// A biased or unbiased convolution layer with the tensor names of `candle_nn::Conv2d`
