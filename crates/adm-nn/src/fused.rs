@@ -378,24 +378,10 @@ fn norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], shape: NormShape, eps: T) -> Ve
 }
 
 /// Normalises contiguous `x` and applies `w`, `b` (one value per channel; for layer norm per
-/// element of the last dimension). `weight_grads`: whether `w` and `b` are parameters.
-fn normalize(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    shape: NormShape,
-    eps: f64,
-    weight_grads: bool,
-) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &b.contiguous()?,
-        Norm {
-            shape,
-            eps,
-            weight_grads,
-        },
-    )
+/// element of the last dimension).
+fn normalize(x: &Tensor, w: &Tensor, b: &Tensor, shape: NormShape, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Norm { shape, eps })
 }
 
 /// Layer norm over the last dimension; `weight` / `bias` of its size, or none.
@@ -442,7 +428,7 @@ fn affine_norm(
     shape: NormShape,
     eps: f64,
 ) -> Result<Tensor> {
-    // Absent parameters are the identity: ones and zeros whose gradients are dropped.
+    // Absent parameters are the identity: constant ones and zeros, which get no gradient.
     let ones;
     let zeros;
     let w = match weight {
@@ -467,13 +453,12 @@ fn affine_norm(
             )
         }
     }
-    normalize(x, w, b, shape, eps, weight.is_some() || bias.is_some())
+    normalize(x, w, b, shape, eps)
 }
 
 struct Norm {
     shape: NormShape,
     eps: f64,
-    weight_grads: bool,
 }
 
 impl CustomOp3 for Norm {
@@ -514,13 +499,20 @@ impl CustomOp3 for Norm {
             },
         )?;
         let (n, p) = (x.elem_count(), w.elem_count());
-        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
-        if !self.weight_grads {
-            return Ok((Some(dx), None, None));
-        }
-        let dw = all.narrow(0, n, p)?.reshape(w.shape())?;
-        let db = all.narrow(0, n + p, p)?.reshape(b.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let part = |t: &Tensor, start: usize, len: usize| {
+            tracked(t, || all.narrow(0, start, len)?.reshape(t.shape()))
+        };
+        Ok((part(x, 0, n)?, part(w, n, p)?, part(b, n + p, p)?))
+    }
+}
+
+/// `grad()` for an operand that takes part in autograd, `None` for a constant (candle would
+/// otherwise store a gradient for a frozen tensor, and compute it for nothing).
+fn tracked(t: &Tensor, grad: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
+    if t.track_op() {
+        grad().map(Some)
+    } else {
+        Ok(None)
     }
 }
 
@@ -745,7 +737,7 @@ fn geglu_grad_rows<T: Real>(x: &[T], dy: &[T], n: usize) -> Vec<T> {
 
 fn halves(op: &str, l: &Layout) -> Result<(usize, Shape)> {
     let d = last_dim(l);
-    if d % 2 != 0 {
+    if !d.is_multiple_of(2) {
         candle_core::bail!("{op}: the last dimension ({d}) must be even")
     }
     let mut dims = l.dims().to_vec();
@@ -876,16 +868,17 @@ impl CustomOp2 for BiasAdd {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&BiasGrad { axis: self.axis })?
-            .reshape(bias.shape())?;
-        Ok((Some(grad.clone()), Some(db)))
+        let db = tracked(bias, || {
+            grad.contiguous()?
+                .apply_op1_no_bwd(&BiasGrad { axis: self.axis })?
+                .reshape(bias.shape())
+        })?;
+        Ok((tracked(x, || Ok(grad.clone()))?, db))
     }
 }
 
@@ -902,6 +895,68 @@ impl CustomOp1 for BiasGrad {
         let (_, n, inner) = around(l, self.axis);
         let out = dispatch!(self.name(), [(s, l)], |g| bias_grad_blocks(g, n, inner));
         Ok((out, Shape::from(n)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Repetition along a new batch axis.
+
+/// `x` repeated `b` times along a new leading axis, materialised: (b, ...x.dims).
+pub(crate) fn repeat_batch(x: &Tensor, b: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(RepeatBatch(b))
+}
+
+struct RepeatBatch(usize);
+struct SumBatch(usize);
+
+fn repeat_rows<T: Real>(x: &[T], b: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(b * x.len());
+    for _ in 0..b {
+        out.extend_from_slice(x);
+    }
+    out
+}
+
+fn sum_rows<T: Real>(x: &[T], b: usize) -> Vec<T> {
+    let n = x.len() / b.max(1);
+    let mut out = x[..n].to_vec();
+    for chunk in x.chunks_exact(n).skip(1) {
+        for (o, &v) in out.iter_mut().zip(chunk) {
+            *o += v;
+        }
+    }
+    out
+}
+
+impl CustomOp1 for RepeatBatch {
+    fn name(&self) -> &'static str {
+        "adm-repeat-batch"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let b = self.0;
+        let out = dispatch!(self.name(), [(s, l)], |x| repeat_rows(x, b));
+        let mut dims = vec![b];
+        dims.extend_from_slice(l.dims());
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?.apply_op1_no_bwd(&SumBatch(self.0))?,
+        ))
+    }
+}
+
+impl CustomOp1 for SumBatch {
+    fn name(&self) -> &'static str {
+        "adm-sum-batch"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let b = self.0;
+        let out = dispatch!(self.name(), [(s, l)], |x| sum_rows(x, b));
+        Ok((out, Shape::from(&l.dims()[1..])))
     }
 }
 
@@ -1010,7 +1065,7 @@ mod tests {
         check(
             |v| softmax_last_dim(&v[0]),
             |v| composed_softmax(&v[0]),
-            &[x.clone()],
+            std::slice::from_ref(&x),
         )?;
         f32_close(|v| softmax_last_dim(&v[0]), &[x])
     }
@@ -1062,12 +1117,24 @@ mod tests {
     }
 
     #[test]
-    fn group_norm_without_affine_gives_no_parameter_gradients() -> Result<()> {
+    fn constant_operands_get_no_gradient() -> Result<()> {
+        // A frozen network's weights are plain tensors: they must not appear in the
+        // gradient store (the trainer checks that a frozen teacher receives nothing).
         let x = Var::from_tensor(&rand_tensor(&[2, 4, 3], 40, 1.0)?)?;
-        let y = group_norm(x.as_tensor(), 2, None, None, 1e-5)?;
-        let proj = rand_tensor(y.dims(), 41, 1.0)?;
-        let grads = (y * proj)?.sum_all()?.backward()?;
+        let (w, b) = (rand_tensor(&[4], 41, 1.0)?, rand_tensor(&[4], 42, 1.0)?);
+        let y = group_norm(x.as_tensor(), 2, Some(&w), Some(&b), 1e-5)?;
+        let y = bias_add(&y, &b, 1)?;
+        let y = layer_norm(&y, Some(&rand_tensor(&[3], 43, 1.0)?), None, 1e-5)?;
+        let grads = (y * rand_tensor(&[2, 4, 3], 44, 1.0)?)?
+            .sum_all()?
+            .backward()?;
         assert!(grads.get(x.as_tensor()).is_some());
+        assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
+        // A constant input with a trainable bias: only the bias gets a gradient.
+        let bias = Var::from_tensor(&b)?;
+        let c = rand_tensor(&[2, 4, 3], 45, 1.0)?;
+        let grads = bias_add(&c, bias.as_tensor(), 1)?.sum_all()?.backward()?;
+        assert!(grads.get(&c).is_none() && grads.get(bias.as_tensor()).is_some());
         Ok(())
     }
 
@@ -1079,7 +1146,7 @@ mod tests {
         check_tol(
             |v| geglu(&v[0]),
             |v| composed_geglu(&v[0]),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             1e-5,
         )?;
         f32_close(|v| geglu(&v[0]), &[x])
@@ -1144,67 +1211,5 @@ mod tests {
         let err = layer_norm(&x, Some(&rand_tensor(&[3], 72, 1.0)?), None, 1e-5).unwrap_err();
         assert!(err.to_string().contains("weight has 3 elements"), "{err}");
         Ok(())
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Repetition along a new batch axis.
-
-/// `x` repeated `b` times along a new leading axis, materialised: (b, ...x.dims).
-pub(crate) fn repeat_batch(x: &Tensor, b: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(RepeatBatch(b))
-}
-
-struct RepeatBatch(usize);
-struct SumBatch(usize);
-
-fn repeat_rows<T: Real>(x: &[T], b: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(b * x.len());
-    for _ in 0..b {
-        out.extend_from_slice(x);
-    }
-    out
-}
-
-fn sum_rows<T: Real>(x: &[T], b: usize) -> Vec<T> {
-    let n = x.len() / b.max(1);
-    let mut out = x[..n].to_vec();
-    for chunk in x.chunks_exact(n).skip(1) {
-        for (o, &v) in out.iter_mut().zip(chunk) {
-            *o += v;
-        }
-    }
-    out
-}
-
-impl CustomOp1 for RepeatBatch {
-    fn name(&self) -> &'static str {
-        "adm-repeat-batch"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let b = self.0;
-        let out = dispatch!(self.name(), [(s, l)], |x| repeat_rows(x, b));
-        let mut dims = vec![b];
-        dims.extend_from_slice(l.dims());
-        Ok((out, Shape::from(dims)))
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            grad.contiguous()?.apply_op1_no_bwd(&SumBatch(self.0))?,
-        ))
-    }
-}
-
-impl CustomOp1 for SumBatch {
-    fn name(&self) -> &'static str {
-        "adm-sum-batch"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let b = self.0;
-        let out = dispatch!(self.name(), [(s, l)], |x| sum_rows(x, b));
-        Ok((out, Shape::from(&l.dims()[1..])))
     }
 }

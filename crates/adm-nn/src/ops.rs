@@ -127,7 +127,7 @@ pub fn group_norm(
     eps: f64,
 ) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!("group_norm: {groups} groups do not divide the channels of {dims:?}")
     }
     let dtype = x.dtype();
@@ -264,7 +264,7 @@ pub mod layers {
         eps: f64,
         vb: VarBuilder,
     ) -> Result<GroupNorm> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!("group_norm: {groups} groups do not divide {channels} channels")
         }
         Ok(GroupNorm {

@@ -809,7 +809,7 @@ fn engine_in(compute_dtype: Precision, steps: usize, dir: &Path) -> Result<Engin
     Engine::new(config, dir, nets, Box::new(conditions()?))
 }
 
-/// f16 compute (bf16 is the same path, but candle's CPU conv2d has no bf16 kernel): every
+/// f16 compute (bf16 is the same path, but candle's CPU matmul has no bf16 kernel): every
 /// trainable Var moves, Vars, EMA, checkpoint weights and optimiser state stay f32, the
 /// networks really run in f16, and the losses track the f32 run's.
 #[test]
