@@ -6,17 +6,19 @@
 //! slower than the forward, and a dilated kernel for strided weight gradients, about 10x
 //! slower; and its backward fails when the two spatial sizes have different parities
 //! (CANDLE_PITFALLS.md). On the CPU this convolution is instead our own im2col
-//! ([`crate::fused`]) followed by one batched matmul, `out_b = W (C_out, C_in kh kw) ·
-//! cols_b`, which writes (B, C_out, Ho Wo) in place (W is repeated per sample, so that its
-//! gradient is one vectorised sum over the batch); a 1x1 stride-1 convolution needs no
-//! unfolding at all. Autograd then differentiates the matmul (two more GEMMs) and the im2col
-//! (its adjoint, col2im). Half-precision CPU inputs are computed in f32 (candle has no CPU
-//! bf16 convolution at all).
+//! ([`crate::fused`]) and one batched GEMM, `out_b = W (C_out, C_in kh kw) · cols_b`, which
+//! writes (B, C_out, Ho Wo) in place; a 1x1 stride-1 convolution needs no unfolding. It is
+//! one autograd node whose backward is `dcols_b = Wᵀ dy_b` folded back onto the input
+//! (col2im, the adjoint of im2col) and `dW = Σ_b dy_b cols_bᵀ` (Dumoulin & Visin 2016, "A
+//! guide to convolution arithmetic"). Half-precision CPU inputs are computed in f32 (candle
+//! has no CPU bf16 convolution at all).
 
-use candle_core::{DType, Module, Result, Tensor};
+use std::sync::Mutex;
 
-use crate::fused::{unfold, Windows};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
+
+use crate::fused::{col2im, sum_batch, tracked, unfold, Windows};
 
 /// Padding and stride of a convolution (no dilation, no groups).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +61,6 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
     if !crate::fused::applies(x) {
         return x.conv2d(weight, cfg.padding, cfg.stride, 1, 1);
     }
-    let (b, c_out) = (x.dim(0)?, weight.dim(0)?);
     let win = Windows {
         kh,
         kw,
@@ -68,15 +69,129 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
         h,
         w,
     };
-    let (ho, wo) = win.out_size();
-    let cols = if (kh, kw, cfg.padding, cfg.stride) == (1, 1, 0, 1) {
-        x.reshape((b, c_in, h * w))?
-    } else {
-        unfold(x, win)?
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let out = Conv2dCpu { win, c_in }.forward(&x.detach(), &weight.detach())?;
+    if !x.track_op() && !weight.track_op() {
+        return Ok(out);
+    }
+    // One autograd node: the output computed above, with the backward below.
+    let op = Conv2dOp {
+        conv: Conv2dCpu { win, c_in },
+        out: Mutex::new(Some(out)),
     };
-    // A materialised batch of kernels: candle would reduce a broadcast one's gradient slowly.
-    let kernels = crate::fused::repeat_batch(&weight.reshape((c_out, c_in * kh * kw))?, b)?;
-    kernels.matmul(&cols)?.reshape((b, c_out, ho, wo))
+    x.apply_op2(&weight, op)
+}
+
+/// The CPU convolution in GEMMs over unfolded windows (no autograd).
+#[derive(Clone, Copy)]
+struct Conv2dCpu {
+    win: Windows,
+    c_in: usize,
+}
+
+impl Conv2dCpu {
+    fn pointwise(&self) -> bool {
+        let w = self.win;
+        (w.kh, w.kw, w.padding, w.stride) == (1, 1, 0, 1)
+    }
+
+    /// (B, C_in kh kw, Ho Wo): the windows of `x`, or `x` itself for a 1x1 convolution.
+    fn cols(&self, x: &Tensor) -> Result<Tensor> {
+        if self.pointwise() {
+            x.reshape((x.dim(0)?, self.c_in, ()))
+        } else {
+            unfold(x, self.win)
+        }
+    }
+
+    /// `weight` as the (C_out, C_in kh kw) matrix.
+    fn matrix(&self, weight: &Tensor) -> Result<Tensor> {
+        weight.reshape((weight.dim(0)?, ()))
+    }
+
+    fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let (b, c_out) = (x.dim(0)?, weight.dim(0)?);
+        let (ho, wo) = self.win.out_size();
+        self.matrix(weight)?
+            .broadcast_left(b)?
+            .matmul(&self.cols(x)?)?
+            .reshape((b, c_out, ho, wo))
+    }
+
+    /// dx = fold(Wᵀ dy_b) per sample.
+    fn input_grad(&self, weight: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (b, h, w) = (grad.dim(0)?, self.win.h, self.win.w);
+        let cols = self.matrix(weight)?.t()?.broadcast_left(b)?.matmul(grad)?;
+        if self.pointwise() {
+            cols.reshape((b, self.c_in, h, w))
+        } else {
+            col2im(&cols, self.win)
+        }
+    }
+
+    /// dW = Σ_b dy_b colsᵀ_b.
+    fn weight_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        sum_batch(&grad.matmul(&self.cols(x)?.t()?)?)
+    }
+}
+
+/// The convolution as one autograd node. The forward result is computed before the node is
+/// made (with candle's matmul) and handed over once; the backward is two batched GEMMs and
+/// the adjoint of the unfolding. Candle's own graph of the same ops would accumulate the
+/// gradient of the unfolded windows (C_in kh kw times the input) into a fresh zero tensor
+/// and reduce the broadcast kernel's gradient with a slow strided sum.
+struct Conv2dOp {
+    conv: Conv2dCpu,
+    out: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "adm-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        _w: &CpuStorage,
+        _wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self
+            .out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv2d: poisoned output".into()))?
+            .take();
+        let Some(out) = out else {
+            candle_core::bail!("conv2d: the forward ran twice")
+        };
+        let shape = out.shape().clone();
+        let flat = out.flatten_all()?;
+        let storage = match out.dtype() {
+            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+            other => candle_core::bail!("conv2d: unsupported dtype {other:?}"),
+        };
+        Ok((storage, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.detach().contiguous()?;
+        let grad = grad.reshape((grad.dim(0)?, grad.dim(1)?, ()))?;
+        let dx = tracked(x, || self.conv.input_grad(&weight.detach(), &grad))?;
+        let dw = tracked(weight, || {
+            self.conv
+                .weight_grad(&x.detach(), &grad)?
+                .reshape(weight.shape())
+        })?;
+        Ok((dx, dw))
+    }
 }
 
 /// A biased or unbiased convolution layer with the tensor names of `candle_nn::Conv2d`

@@ -17,9 +17,9 @@
 //! - bias addition `y = x + b` along one axis: `dx = dy`, `db = Σ dy` over the other axes
 //!   (candle reduces broadcast gradients with a slow strided sum);
 //! - im2col is linear; its adjoint (col2im) sums each window element back to its pixel;
-//! - repeating a tensor `b` times along a new batch axis: the gradient is the sum of the `b`
-//!   copies (candle's own reduction over a broadcast batch axis is about 40x slower than an
-//!   addition of the same size: 6 ms against 0.15 ms for 2 x 590k elements).
+//! - a sum over the batch axis, for the convolution's weight gradient (candle's reduction
+//!   over a leading axis is about 40x slower than an addition of the same size: 6 ms against
+//!   0.15 ms for 2 x 590k elements).
 //!
 //! The kernels run on contiguous f32 / f64 CPU tensors. Callers cast f16 / bf16 to f32 first
 //! and use the composed ops on other devices.
@@ -508,7 +508,7 @@ impl CustomOp3 for Norm {
 
 /// `grad()` for an operand that takes part in autograd, `None` for a constant (candle would
 /// otherwise store a gradient for a frozen tensor, and compute it for nothing).
-fn tracked(t: &Tensor, grad: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
+pub(crate) fn tracked(t: &Tensor, grad: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
     if t.track_op() {
         grad().map(Some)
     } else {
@@ -601,7 +601,7 @@ type Range2 = std::ops::Range<usize>;
 
 /// (B, C, H, W) -> (B, C kh kw, Ho Wo): row `(c, ki, kj)` holds input pixel
 /// `(o_y s + ki - p, o_x s + kj - p)` of channel `c` at column `(o_y, o_x)`, zero outside.
-fn im2col<T: Real>(x: &[T], (b, c): (usize, usize), win: Windows) -> Vec<T> {
+fn im2col_planes<T: Real>(x: &[T], (b, c): (usize, usize), win: Windows) -> Vec<T> {
     let (ho, wo) = win.out_size();
     let (k, l, plane) = (win.kh * win.kw, ho * wo, win.h * win.w);
     let mut out = vec![T::ZERO; b * c * k * l];
@@ -621,8 +621,8 @@ fn im2col<T: Real>(x: &[T], (b, c): (usize, usize), win: Windows) -> Vec<T> {
     out
 }
 
-/// The adjoint of [`im2col`]: (B, C kh kw, Ho Wo) -> (B, C, H, W), summing the windows.
-fn col2im<T: Real>(cols: &[T], (b, c): (usize, usize), win: Windows) -> Vec<T> {
+/// The adjoint of [`im2col_planes`]: (B, C kh kw, Ho Wo) -> (B, C, H, W), summing the windows.
+fn col2im_planes<T: Real>(cols: &[T], (b, c): (usize, usize), win: Windows) -> Vec<T> {
     let (ho, wo) = win.out_size();
     let (k, l, plane) = (win.kh * win.kw, ho * wo, win.h * win.w);
     let mut out = vec![T::ZERO; b * c * plane];
@@ -638,9 +638,15 @@ fn col2im<T: Real>(cols: &[T], (b, c): (usize, usize), win: Windows) -> Vec<T> {
     out
 }
 
-/// Unfolds contiguous (B, C, H, W) `x` into (B, C kh kw, Ho Wo); differentiable.
+/// Unfolds contiguous (B, C, H, W) `x` into (B, C kh kw, Ho Wo) (no autograd: the
+/// convolution differentiates itself).
 pub(crate) fn unfold(x: &Tensor, win: Windows) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Im2Col(win))
+    x.contiguous()?.apply_op1_no_bwd(&Im2Col(win))
+}
+
+/// The adjoint of [`unfold`]: (B, C kh kw, Ho Wo) -> (B, C, H, W), no autograd.
+pub(crate) fn col2im(cols: &Tensor, win: Windows) -> Result<Tensor> {
+    cols.contiguous()?.apply_op1_no_bwd(&Col2Im(win))
 }
 
 struct Im2Col(Windows);
@@ -665,12 +671,8 @@ impl CustomOp1 for Im2Col {
             )
         }
         let (ho, wo) = win.out_size();
-        let out = dispatch!(self.name(), [(s, l)], |x| im2col(x, (b, c), win));
+        let out = dispatch!(self.name(), [(s, l)], |x| im2col_planes(x, (b, c), win));
         Ok((out, Shape::from((b, c * win.kh * win.kw, ho * wo))))
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
     }
 }
 
@@ -686,12 +688,8 @@ impl CustomOp1 for Col2Im {
             candle_core::bail!("col2im: expected (B, C kh kw, L), got {:?}", l.dims())
         };
         let (b, c) = (*b, *ck / k);
-        let out = dispatch!(self.name(), [(s, l)], |x| col2im(x, (b, c), win));
+        let out = dispatch!(self.name(), [(s, l)], |x| col2im_planes(x, (b, c), win));
         Ok((out, Shape::from((b, c, win.h, win.w))))
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
     }
 }
 
@@ -899,23 +897,15 @@ impl CustomOp1 for BiasGrad {
 }
 
 // ---------------------------------------------------------------------------------------
-// Repetition along a new batch axis.
+// Sum over the batch axis.
 
-/// `x` repeated `b` times along a new leading axis, materialised: (b, ...x.dims).
-pub(crate) fn repeat_batch(x: &Tensor, b: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(RepeatBatch(b))
+/// The sum of contiguous `x` (B, ...) over its first axis, no autograd (candle's reduction
+/// over a leading axis is about 40x slower than an addition of the same size).
+pub(crate) fn sum_batch(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&SumBatch(x.dim(0)?))
 }
 
-struct RepeatBatch(usize);
 struct SumBatch(usize);
-
-fn repeat_rows<T: Real>(x: &[T], b: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(b * x.len());
-    for _ in 0..b {
-        out.extend_from_slice(x);
-    }
-    out
-}
 
 fn sum_rows<T: Real>(x: &[T], b: usize) -> Vec<T> {
     let n = x.len() / b.max(1);
@@ -926,26 +916,6 @@ fn sum_rows<T: Real>(x: &[T], b: usize) -> Vec<T> {
         }
     }
     out
-}
-
-impl CustomOp1 for RepeatBatch {
-    fn name(&self) -> &'static str {
-        "adm-repeat-batch"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let b = self.0;
-        let out = dispatch!(self.name(), [(s, l)], |x| repeat_rows(x, b));
-        let mut dims = vec![b];
-        dims.extend_from_slice(l.dims());
-        Ok((out, Shape::from(dims)))
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            grad.contiguous()?.apply_op1_no_bwd(&SumBatch(self.0))?,
-        ))
-    }
 }
 
 impl CustomOp1 for SumBatch {
@@ -1170,9 +1140,10 @@ mod tests {
     }
 
     #[test]
-    fn repeat_batch_matches_broadcast_left() -> Result<()> {
-        let x = rand_tensor(&[3, 4], 8, 1.0)?;
-        check(|v| repeat_batch(&v[0], 3), |v| v[0].broadcast_left(3), &[x])
+    fn sum_batch_matches_candle() -> Result<()> {
+        let x = rand_tensor(&[3, 4, 5], 8, 1.0)?;
+        assert_close(&to_vec(&sum_batch(&x)?)?, &to_vec(&x.sum(0)?)?, 1e-12);
+        Ok(())
     }
 
     #[test]
@@ -1193,7 +1164,7 @@ mod tests {
             let x = rand_tensor(&[2, 3, h, w], 50 + i as u64, 1.0)?;
             let cols = unfold(&x, win)?;
             let y = rand_tensor(cols.dims(), 60 + i as u64, 1.0)?;
-            let back = y.apply_op1_no_bwd(&Col2Im(win))?;
+            let back = col2im(&y, win)?;
             let lhs = (cols * &y)?.sum_all()?.to_scalar::<f64>()?;
             let rhs = (x * back)?.sum_all()?.to_scalar::<f64>()?;
             assert!((lhs - rhs).abs() < 1e-10, "case {i}: {lhs} vs {rhs}");
