@@ -174,9 +174,13 @@ macro_rules! dispatch {
     }};
 }
 
-/// Whether the fused kernels serve `x`: a CPU tensor of f32 or f64.
+/// Whether the fused kernels serve `x`: a non-empty CPU tensor of f32 or f64 (empty ones take
+/// the composed path, whose candle ops accept them).
 pub(crate) fn applies(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    let dtype = x.dtype();
+    x.device().is_cpu()
+        && matches!(dtype, candle_core::DType::F32 | candle_core::DType::F64)
+        && x.elem_count() > 0
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1169,6 +1173,19 @@ mod tests {
             let rhs = (x * back)?.sum_all()?.to_scalar::<f64>()?;
             assert!((lhs - rhs).abs() < 1e-10, "case {i}: {lhs} vs {rhs}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn empty_tensors_do_not_panic() -> Result<()> {
+        let x = Tensor::zeros((2, 0, 3), DType::F64, &candle_core::Device::Cpu)?;
+        assert!(!applies(&x));
+        assert_eq!(
+            crate::ops::layer_norm(&x, None, None, 1e-5)?.dims(),
+            &[2, 0, 3]
+        );
+        let bias = Tensor::zeros(3, DType::F64, &candle_core::Device::Cpu)?;
+        assert_eq!(crate::ops::bias_add(&x, &bias, 2)?.dims(), &[2, 0, 3]);
         Ok(())
     }
 
