@@ -1,9 +1,7 @@
 //! Building blocks the UNet and the VAE share: diffusers uses the same classes (and tensor
 //! names) in both.
 
-use adm_nn::{group_norm, GroupNorm};
-use adm_nn::{linear, Linear};
-use adm_nn::{Conv2d, Conv2dConfig};
+use adm_nn::{group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 

@@ -39,9 +39,7 @@
 
 use std::path::Path;
 
-use adm_nn::Conv2d;
-use adm_nn::{conv3d, upsample_nearest3d, Conv3d, Conv3dConfig};
-use adm_nn::{group_norm, GroupNorm};
+use adm_nn::{conv3d, group_norm, upsample_nearest3d, Conv2d, Conv3d, Conv3dConfig, GroupNorm};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};

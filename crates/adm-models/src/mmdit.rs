@@ -20,8 +20,7 @@
 //! `attn.norm_added_q` compute text-token queries whose outputs that block discards.
 
 use adm_diffusion::{Schedule, ScheduleConfig};
-use adm_nn::Conv2d;
-use adm_nn::{linear, Linear};
+use adm_nn::{linear, Conv2d, Linear};
 use candle_core::{Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};

@@ -35,8 +35,7 @@
 
 use std::sync::Arc;
 
-use adm_nn::{linear_b, Linear};
-use adm_nn::{Conv2d, Conv2dConfig, LayerNorm};
+use adm_nn::{linear_b, Conv2d, Conv2dConfig, LayerNorm, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};

@@ -6,8 +6,8 @@
 //! (CANDLE_PITFALLS.md): attention is `adm_nn::scaled_dot_product_attention`, layer norm is
 //! `adm_nn::LayerNorm`, nearest upsampling is `adm_nn::upsample_nearest2d`, conv2d is
 //! `adm_nn::Conv2d` (candle's conv2d backward is slow and fails on unequal H/W parity),
-//! GroupNorm is `adm_nn::GroupNorm` (one fused CPU kernel each way); Linear comes from
-//! candle_nn.
+//! GroupNorm and Linear are `adm_nn::GroupNorm` / `adm_nn::Linear` (fused CPU kernels for
+//! the normalisation and the bias).
 //!
 //! Spatial sizes must be multiples of `2^(number of downsamplers)`: diffusers then never needs
 //! an explicit `upsample_size`.
@@ -17,9 +17,7 @@
 use std::collections::BTreeSet;
 
 use adm_diffusion::Schedule;
-use adm_nn::Conv2d;
-use adm_nn::{group_norm, GroupNorm};
-use adm_nn::{linear, linear_no_bias, Linear};
+use adm_nn::{group_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear};
 use candle_core::{DType, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};

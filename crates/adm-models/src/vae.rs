@@ -16,9 +16,7 @@
 //! Memory: the mid-block attention is a single head over all latent positions, so its score
 //! matrix is (H/8 · W/8)² per image (1 GiB in f32 for a 1024² SDXL image).
 
-use adm_nn::Conv2d;
-use adm_nn::{group_norm, GroupNorm};
-use adm_nn::{linear, Linear};
+use adm_nn::{group_norm, linear, Conv2d, GroupNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};

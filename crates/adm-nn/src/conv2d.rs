@@ -69,14 +69,15 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
         h,
         w,
     };
+    let conv = Conv2dCpu { win, c_in };
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let out = Conv2dCpu { win, c_in }.forward(&x.detach(), &weight.detach())?;
+    let out = conv.forward(&x.detach(), &weight.detach())?;
     if !x.track_op() && !weight.track_op() {
         return Ok(out);
     }
     // One autograd node: the output computed above, with the backward below.
     let op = Conv2dOp {
-        conv: Conv2dCpu { win, c_in },
+        conv,
         out: Mutex::new(Some(out)),
     };
     x.apply_op2(&weight, op)
@@ -322,6 +323,48 @@ mod tests {
         let alone = alone.get(x.as_tensor()).expect("x has a gradient");
         let want = (alone + (x.as_tensor() * 2.0)?)?;
         assert_close(&to_vec(ours)?, &to_vec(&want)?, 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn a_frozen_operand_gets_no_gradient() -> Result<()> {
+        // A frozen network's kernel is a plain tensor: only the input's gradient is stored,
+        // and it equals the one computed with a trainable kernel; and the other way round.
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+        };
+        let (x, weight) = (
+            rand_tensor(&[2, 2, 5, 6], 52, 1.0)?,
+            rand_tensor(&[3, 2, 3, 3], 53, 1.0)?,
+        );
+        let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&weight)?);
+        let both = conv2d(xv.as_tensor(), wv.as_tensor(), cfg)?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
+        let only_x = conv2d(xv.as_tensor(), &weight, cfg)?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
+        assert!(only_x.get(&weight).is_none());
+        assert_close(
+            &to_vec(only_x.get(xv.as_tensor()).unwrap())?,
+            &to_vec(both.get(xv.as_tensor()).unwrap())?,
+            1e-12,
+        );
+        let only_w = conv2d(&x, wv.as_tensor(), cfg)?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
+        assert!(only_w.get(&x).is_none());
+        assert_close(
+            &to_vec(only_w.get(wv.as_tensor()).unwrap())?,
+            &to_vec(both.get(wv.as_tensor()).unwrap())?,
+            1e-12,
+        );
+        // Nothing trainable: no autograd node at all.
+        assert!(!conv2d(&x, &weight, cfg)?.track_op());
         Ok(())
     }
 

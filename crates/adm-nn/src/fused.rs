@@ -737,16 +737,15 @@ fn geglu_grad_rows<T: Real>(x: &[T], dy: &[T], n: usize) -> Vec<T> {
     out
 }
 
-fn halves(op: &str, l: &Layout) -> Result<(usize, Shape)> {
-    let d = last_dim(l);
-    if !d.is_multiple_of(2) {
-        candle_core::bail!("{op}: the last dimension ({d}) must be even")
-    }
+/// The half size `n` of an even last dimension and the (..., n) output shape
+/// (`crate::ops::geglu` checked the parity).
+fn halves(l: &Layout) -> (usize, Shape) {
+    let n = last_dim(l) / 2;
     let mut dims = l.dims().to_vec();
     if let Some(last) = dims.last_mut() {
-        *last = d / 2;
+        *last = n;
     }
-    Ok((d / 2, Shape::from(dims)))
+    (n, Shape::from(dims))
 }
 
 impl CustomOp1 for Geglu {
@@ -755,7 +754,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, shape) = halves(self.name(), l)?;
+        let (n, shape) = halves(l);
         let out = dispatch!(self.name(), [(s, l)], |x| geglu_rows(x, n));
         Ok((out, shape))
     }
@@ -777,7 +776,7 @@ impl CustomOp2 for GegluGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, _) = halves(self.name(), xl)?;
+        let (n, _) = halves(xl);
         let out = dispatch!(self.name(), [(xs, xl), (gs, gl)], |x, g| {
             geglu_grad_rows(x, g, n)
         });
@@ -789,16 +788,8 @@ impl CustomOp2 for GegluGrad {
 // Bias addition along one axis.
 
 /// `x + bias` for contiguous `x` viewed as (outer, n, inner) around `axis` (of size n) and
-/// `bias` of n elements.
+/// `bias` of n elements (`crate::ops::bias_add` checked the sizes).
 pub(crate) fn bias_add(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
-    let n = x.dim(axis)?;
-    if bias.elem_count() != n {
-        candle_core::bail!(
-            "bias_add: bias has {} elements, axis {axis} of {:?} has {n}",
-            bias.elem_count(),
-            x.dims()
-        )
-    }
     x.contiguous()?
         .apply_op2(&bias.contiguous()?, BiasAdd { axis })
 }
@@ -1192,9 +1183,9 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() -> Result<()> {
         let x = rand_tensor(&[2, 3, 5], 70, 1.0)?;
-        let err = bias_add(&x, &rand_tensor(&[4], 71, 1.0)?, 1).unwrap_err();
+        let err = crate::ops::bias_add(&x, &rand_tensor(&[4], 71, 1.0)?, 1).unwrap_err();
         assert!(err.to_string().contains("bias has 4 elements"), "{err}");
-        let err = geglu(&x).unwrap_err();
+        let err = crate::ops::geglu(&x).unwrap_err();
         assert!(err.to_string().contains("must be even"), "{err}");
         let err = layer_norm(&x, Some(&rand_tensor(&[3], 72, 1.0)?), None, 1e-5).unwrap_err();
         assert!(err.to_string().contains("weight has 3 elements"), "{err}");

@@ -49,12 +49,16 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// GEGLU of `x` (..., 2n) = (..., [a | g]): `a · gelu(g)` with the exact (erf) GELU, (..., n)
 /// (diffusers' `GEGLU`). Half-precision inputs are computed in f32 and cast back.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if !d.is_multiple_of(2) {
+        candle_core::bail!("geglu: the last dimension ({d}) must be even")
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(compute_dtype(dtype))?;
     if crate::fused::applies(&x) {
         return crate::fused::geglu(&x)?.to_dtype(dtype);
     }
-    let n = x.dim(D::Minus1)? / 2;
+    let n = d / 2;
     let gate = x.narrow(D::Minus1, n, n)?.gelu_erf()?;
     (x.narrow(D::Minus1, 0, n)? * gate)?.to_dtype(dtype)
 }
@@ -63,11 +67,19 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 /// over the other axes: a linear layer's bias (the last axis), a convolution's (axis 1).
 /// Unlike `broadcast_add`, its CPU backward sums the bias gradient in one vectorised pass.
 pub fn bias_add(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
+    let n = x.dim(axis)?;
+    if bias.elem_count() != n {
+        candle_core::bail!(
+            "bias_add: bias has {} elements, axis {axis} of {:?} has {n}",
+            bias.elem_count(),
+            x.dims()
+        )
+    }
     if crate::fused::applies(x) && bias.dtype() == x.dtype() && bias.device().is_cpu() {
         return crate::fused::bias_add(x, bias, axis);
     }
     let mut shape = vec![1; x.rank()];
-    shape[axis] = x.dim(axis)?;
+    shape[axis] = n;
     x.broadcast_add(&bias.reshape(shape)?)
 }
 
