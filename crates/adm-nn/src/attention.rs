@@ -1,7 +1,7 @@
 //! Scaled dot-product attention with a correct gradient.
 //!
 //! `candle_nn::ops::sdpa` has no backward (and no CPU kernel) and `softmax_last_dim` drops the
-//! gradient (CANDLE_PITFALLS.md); this is the plain math path: two contiguous batched matmuls
+//! gradient (CANDLE_PITFALLS.md); this is the plain math path: two batched matmuls ([`crate::matmul`])
 //! and [`crate::ops::softmax`].
 
 use candle_core::{Result, Tensor, D};
@@ -33,13 +33,13 @@ pub fn scaled_dot_product_attention(
     }
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
     let q = (q.contiguous()? * scale)?;
-    let kt = k.transpose(2, 3)?.contiguous()?;
-    let mut scores = q.matmul(&kt)?;
+    let kt = k.contiguous()?.transpose(2, 3)?;
+    let mut scores = crate::matmul(&q, &kt)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     }
     let probs = crate::ops::softmax(&scores, D::Minus1)?;
-    probs.matmul(&v.contiguous()?)
+    crate::matmul(&probs, &v.contiguous()?)
 }
 
 #[cfg(test)]

@@ -13,8 +13,6 @@
 //! guide to convolution arithmetic"). Half-precision CPU inputs are computed in f32 (candle
 //! has no CPU bf16 convolution at all).
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
@@ -58,7 +56,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         return conv2d(&f32(x)?, &f32(weight)?, cfg)?.to_dtype(x.dtype());
     }
-    if !crate::fused::applies(x) {
+    if !crate::fused::applies(x) || !crate::fused::applies(weight) {
         return x.conv2d(weight, cfg.padding, cfg.stride, 1, 1);
     }
     let win = Windows {
@@ -69,17 +67,11 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
         h,
         w,
     };
-    let conv = Conv2dCpu { win, c_in };
+    let op = Conv2dOp(Conv2dCpu { win, c_in });
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let out = conv.forward(&x.detach(), &weight.detach())?;
     if !x.track_op() && !weight.track_op() {
-        return Ok(out);
+        return x.apply_op2_no_bwd(&weight, &op);
     }
-    // One autograd node: the output computed above, with the backward below.
-    let op = Conv2dOp {
-        conv,
-        out: Mutex::new(Some(out)),
-    };
     x.apply_op2(&weight, op)
 }
 
@@ -110,19 +102,10 @@ impl Conv2dCpu {
         weight.reshape((weight.dim(0)?, ()))
     }
 
-    fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let (b, c_out) = (x.dim(0)?, weight.dim(0)?);
-        let (ho, wo) = self.win.out_size();
-        self.matrix(weight)?
-            .broadcast_left(b)?
-            .matmul(&self.cols(x)?)?
-            .reshape((b, c_out, ho, wo))
-    }
-
     /// dx = fold(Wᵀ dy_b) per sample.
     fn input_grad(&self, weight: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (b, h, w) = (grad.dim(0)?, self.win.h, self.win.w);
-        let cols = self.matrix(weight)?.t()?.broadcast_left(b)?.matmul(grad)?;
+        let cols = crate::matmul(&self.matrix(weight)?.t()?.broadcast_left(b)?, grad)?;
         if self.pointwise() {
             cols.reshape((b, self.c_in, h, w))
         } else {
@@ -132,19 +115,16 @@ impl Conv2dCpu {
 
     /// dW = Σ_b dy_b colsᵀ_b.
     fn weight_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        sum_batch(&grad.matmul(&self.cols(x)?.t()?)?)
+        sum_batch(&crate::matmul(grad, &self.cols(x)?.t()?)?)
     }
 }
 
-/// The convolution as one autograd node. The forward result is computed before the node is
-/// made (with candle's matmul) and handed over once; the backward is two batched GEMMs and
-/// the adjoint of the unfolding. Candle's own graph of the same ops would accumulate the
-/// gradient of the unfolded windows (C_in kh kw times the input) into a fresh zero tensor
-/// and reduce the broadcast kernel's gradient with a slow strided sum.
-struct Conv2dOp {
-    conv: Conv2dCpu,
-    out: Mutex<Option<Tensor>>,
-}
+/// The convolution as one autograd node: the forward is [`crate::fused::conv2d_cpu`] on the
+/// operands' storage, the backward two batched GEMMs and the adjoint of the unfolding.
+/// Candle's own graph of the same ops would accumulate the gradient of the unfolded windows
+/// (C_in kh kw times the input) into a fresh zero tensor and reduce the broadcast kernel's
+/// gradient with a slow strided sum.
+struct Conv2dOp(Conv2dCpu);
 
 impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
@@ -153,27 +133,14 @@ impl CustomOp2 for Conv2dOp {
 
     fn cpu_fwd(
         &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        _w: &CpuStorage,
-        _wl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("conv2d: poisoned output".into()))?
-            .take();
-        let Some(out) = out else {
-            candle_core::bail!("conv2d: the forward ran twice")
-        };
-        let shape = out.shape().clone();
-        let flat = out.flatten_all()?;
-        let storage = match out.dtype() {
-            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-            other => candle_core::bail!("conv2d: unsupported dtype {other:?}"),
-        };
-        Ok((storage, shape))
+        let (ho, wo) = self.0.win.out_size();
+        let out = crate::fused::conv2d_cpu((x, xl), (w, wl), self.0.win)?;
+        Ok((out, Shape::from((xl.dims()[0], wl.dims()[0], ho, wo))))
     }
 
     fn bwd(
@@ -185,9 +152,9 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.detach().contiguous()?;
         let grad = grad.reshape((grad.dim(0)?, grad.dim(1)?, ()))?;
-        let dx = tracked(x, || self.conv.input_grad(&weight.detach(), &grad))?;
+        let dx = tracked(x, || self.0.input_grad(&weight.detach(), &grad))?;
         let dw = tracked(weight, || {
-            self.conv
+            self.0
                 .weight_grad(&x.detach(), &grad)?
                 .reshape(weight.shape())
         })?;

@@ -8,6 +8,7 @@ mod fused;
 pub mod gradcheck;
 pub mod init;
 pub mod linear;
+pub mod matmul;
 pub mod ops;
 pub mod rope;
 pub mod upsample;
@@ -21,6 +22,7 @@ pub use conv3d::{conv3d, conv3d_forward, conv3d_no_bias, Conv3d, Conv3dConfig, T
 pub use gradcheck::{assert_every_var_has_grad, check_gradients, GradCheck, GradReport};
 pub use init::{derive_seed, randn, SeededVarMap};
 pub use linear::{linear, linear_b, linear_no_bias, Linear};
+pub use matmul::matmul;
 pub use ops::layers::{group_norm, layer_norm, rms_norm};
 pub use ops::{bias_add, geglu, gelu_tanh, log_softmax, softmax, GroupNorm, LayerNorm, RmsNorm};
 pub use rope::{apply_rotary_emb, rope_cos_sin, RopeLayout};

@@ -41,10 +41,7 @@ impl Module for Linear {
         // One 2-D GEMM over all leading axes (a contiguous copy is cheaper than a batched
         // matmul over strided rows).
         let rows: usize = lead.iter().product();
-        let y = x
-            .contiguous()?
-            .reshape((rows, k))?
-            .matmul(&self.weight.t()?)?;
+        let y = crate::matmul(&x.contiguous()?.reshape((rows, k))?, &self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => crate::ops::bias_add(&y, b, 1)?,
             None => y,

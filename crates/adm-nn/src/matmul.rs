@@ -1,0 +1,324 @@
+//! Batched matrix products on candle's CPU worker pool.
+//!
+//! candle 0.11.1's CPU matmul hands each product to gemm's rayon parallelism while its
+//! element-wise ops run on a second pool (the `BarrierPool`), whose idle worker spins for a
+//! while after every op. At two threads the spinning worker and the two rayon workers share
+//! two cores, so each GEMM waits for its descheduled half: the mid UNet ran slower at two
+//! threads than at one (docs/benchmarks.md, "Fourth round"). Here the output is cut into
+//! tiles (batch entries, then blocks of 128 rows or columns), each tile is one
+//! single-threaded gemm call, and the tiles run on the same barrier pool as candle's
+//! element-wise ops, so one set of threads does all the work. The tiles depend on the shapes
+//! only, so results are bitwise the same on any number of threads (tests/thread_count.rs).
+//! Inputs may be strided (a transposed view costs no copy), the output is written once
+//! (candle zero-fills it first) and the backward is the usual `dA = dC Bᵀ`, `dB = Aᵀ dC`,
+//! itself two products through the same code.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use crate::fused::tracked;
+
+/// `a @ b` over the last two axes, batched over the leading ones (which must match), as
+/// `Tensor::matmul`. CPU f32 / f64 products run on candle's worker pool; anything else is
+/// candle's matmul.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !crate::fused::applies(a) || !crate::fused::applies(b) || a.dtype() != b.dtype() {
+        return a.matmul(b);
+    }
+    let (ad, bd) = (a.dims(), b.dims());
+    let r = ad.len();
+    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+        candle_core::bail!("matmul: shapes {ad:?} and {bd:?} do not multiply")
+    }
+    let collapsible = |t: &Tensor| -> Result<Tensor> {
+        if batch_stride(t.layout()).is_some() {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    collapsible(a)?.apply_op2(&collapsible(b)?, MatMul)
+}
+
+/// The one stride that steps through all batch entries of `l` (its leading axes flattened),
+/// if there is one.
+fn batch_stride(l: &Layout) -> Option<usize> {
+    let r = l.dims().len();
+    let batch: Vec<(usize, usize)> = l.dims()[..r - 2]
+        .iter()
+        .copied()
+        .zip(l.stride()[..r - 2].iter().copied())
+        .filter(|&(d, _)| d > 1)
+        .collect();
+    for pair in batch.windows(2) {
+        let ((_, outer), (inner_dim, inner)) = (pair[0], pair[1]);
+        if outer != inner * inner_dim {
+            return None;
+        }
+    }
+    Some(batch.last().map_or(0, |&(_, s)| s))
+}
+
+/// A strided (batch of) matrices: element (i, j) of entry `e` at `e bs + i rs + j cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+    pub bs: usize,
+}
+
+impl View {
+    fn of(l: &Layout) -> Result<Self> {
+        let (d, s) = (l.dims(), l.stride());
+        let r = d.len();
+        let Some(bs) = batch_stride(l) else {
+            candle_core::bail!("matmul: batch axes of {d:?} with strides {s:?} do not collapse")
+        };
+        Ok(Self {
+            offset: l.start_offset(),
+            rows: d[r - 2],
+            cols: d[r - 1],
+            rs: s[r - 2],
+            cs: s[r - 1],
+            bs,
+        })
+    }
+}
+
+/// Products below this many multiply-adds are one tile per batch entry, run on the calling
+/// thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// Larger products are cut along their longer side into tiles of this many rows or columns
+/// (a multiple of the 64-row f32 AVX-512 micro-tile of gemm). The tiles depend on the shapes
+/// only, never on the thread count, so a product is bitwise the same on any number of
+/// threads.
+const TILE_EDGE: usize = 128;
+
+/// `out[e] = a[e] b[e]` for `batch` entries; `out` is contiguous (batch, m, n). No axis is
+/// empty ([`matmul`] leaves empty operands to candle).
+pub(crate) fn gemm_batched<T: Copy + Send + Sync + 'static>(
+    batch: usize,
+    (a, av): (&[T], View),
+    (b, bv): (&[T], View),
+    zero: T,
+    one: T,
+) -> Vec<T> {
+    let (m, k, n) = (av.rows, av.cols, bv.cols);
+    let len = batch * m * n;
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    let out_ptr = out.as_mut_ptr() as usize;
+    let (a_ptr, b_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize);
+    // One tile: rows `r` and columns `c` of entry `e`.
+    let tile = |e: usize, r: std::ops::Range<usize>, c: std::ops::Range<usize>| {
+        let a = a_ptr as *const T;
+        let b = b_ptr as *const T;
+        let dst = out_ptr as *mut T;
+        // SAFETY: the views were checked against the storages' lengths by candle's layouts;
+        // tiles write disjoint parts of `out`, which holds `len` elements.
+        unsafe {
+            gemm::gemm(
+                r.len(),
+                c.len(),
+                k,
+                dst.add(e * m * n + r.start * n + c.start),
+                1,
+                n as isize,
+                false,
+                a.add(av.offset + e * av.bs + r.start * av.rs),
+                av.cs as isize,
+                av.rs as isize,
+                b.add(bv.offset + e * bv.bs + c.start * bv.cs),
+                bv.cs as isize,
+                bv.rs as isize,
+                zero,
+                one,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    let small = len * k < PARALLEL_MIN_MACS;
+    let (split_rows, side) = if m >= n { (true, m) } else { (false, n) };
+    let edge = if small { side } else { TILE_EDGE };
+    let parts = side.div_ceil(edge);
+    let run = |units: std::ops::Range<usize>| {
+        for unit in units {
+            let (e, p) = (unit / parts, unit % parts);
+            let span = p * edge..side.min((p + 1) * edge);
+            if split_rows {
+                tile(e, span, 0..n)
+            } else {
+                tile(e, 0..m, span)
+            }
+        }
+    };
+    if small {
+        run(0..batch);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(batch * parts, run);
+    }
+    // SAFETY: every element was written by exactly one tile.
+    unsafe { out.set_len(len) };
+    out
+}
+
+struct MatMul;
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "adm-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (av, bv) = (View::of(al)?, View::of(bl)?);
+        let d = al.dims();
+        let batch: usize = d[..d.len() - 2].iter().product();
+        let mut shape = d.to_vec();
+        shape[d.len() - 1] = bv.cols;
+        let out = match (a, b) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(gemm_batched(batch, (a, av), (b, bv), 0.0, 1.0))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(gemm_batched(batch, (a, av), (b, bv), 0.0, 1.0))
+            }
+            _ => candle_core::bail!(
+                "matmul: expected two f32 or two f64 operands, got {:?} and {:?}",
+                a.dtype(),
+                b.dtype()
+            ),
+        };
+        Ok((out, Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _c: &Tensor,
+        dc: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dc = dc.detach();
+        let r = dc.rank();
+        let da = tracked(a, || matmul(&dc, &b.detach().transpose(r - 2, r - 1)?))?;
+        let db = tracked(b, || matmul(&a.detach().transpose(r - 2, r - 1)?, &dc))?;
+        Ok((da, db))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{check_gradients, GradCheck};
+    use crate::test_util::{assert_close, rand_tensor, to_vec};
+    use candle_core::{DType, Var};
+
+    fn assert_matches_candle(a: &Tensor, b: &Tensor) -> Result<()> {
+        let reference = a.contiguous()?.matmul(&b.contiguous()?)?;
+        assert_close(&to_vec(&matmul(a, b)?)?, &to_vec(&reference)?, 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn equals_candle_on_batched_strided_and_broadcast_operands() -> Result<()> {
+        let a = rand_tensor(&[2, 3, 5, 4], 1, 1.0)?;
+        let b = rand_tensor(&[2, 3, 4, 6], 2, 1.0)?;
+        assert_matches_candle(&a, &b)?;
+        // 2-D, and transposed views of either operand (no copy is made for those).
+        let a2 = rand_tensor(&[7, 9], 3, 1.0)?;
+        let b2 = rand_tensor(&[8, 9], 4, 1.0)?;
+        assert_matches_candle(&a2, &b2.t()?)?;
+        assert_matches_candle(&a2.t()?.t()?, &b2.t()?)?;
+        assert_matches_candle(&b2, &a2.t()?)?;
+        // A kernel broadcast over the batch (stride 0), as in the convolution.
+        let w = rand_tensor(&[5, 4], 5, 1.0)?.broadcast_left(3)?;
+        let x = rand_tensor(&[3, 4, 6], 6, 1.0)?;
+        assert_matches_candle(&w, &x)?;
+        // Batch axes that do not collapse into one stride are copied first.
+        let q = rand_tensor(&[2, 5, 3, 4], 7, 1.0)?.transpose(1, 2)?;
+        let k = rand_tensor(&[2, 3, 4, 5], 8, 1.0)?;
+        assert_matches_candle(&q, &k)?;
+        Ok(())
+    }
+
+    /// Products big enough to be tiled, along rows and along columns, with remainder tiles,
+    /// and with a strided (transposed) operand.
+    #[test]
+    fn tiled_products_equal_candle() -> Result<()> {
+        for (batch, m, k, n) in [(1, 300, 70, 20), (2, 20, 70, 300), (3, 129, 33, 257)] {
+            assert!(batch * m * n * k >= PARALLEL_MIN_MACS && m.max(n) > TILE_EDGE);
+            let a = rand_tensor(&[batch, m, k], 9, 1.0)?;
+            let b = rand_tensor(&[batch, n, k], 10, 1.0)?.transpose(1, 2)?;
+            assert_matches_candle(&a, &b)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn f32_matches_f64() -> Result<()> {
+        let a = rand_tensor(&[3, 40, 50], 11, 1.0)?;
+        let b = rand_tensor(&[3, 50, 30], 12, 1.0)?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        assert_close(
+            &to_vec(&matmul(&f32(&a)?, &f32(&b)?)?)?,
+            &to_vec(&matmul(&a, &b)?)?,
+            1e-4,
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        let a = rand_tensor(&[2, 3, 4], 13, 1.0)?;
+        let b = rand_tensor(&[2, 5, 4], 14, 1.0)?;
+        // The second operand enters transposed, as in a linear layer or attention's q kᵀ.
+        let report = check_gradients(
+            |v| matmul(&v[0], &v[1].transpose(1, 2)?),
+            &[a, b],
+            GradCheck::default(),
+        )?;
+        assert!(report.max_abs_err < 1e-7, "{report:?}");
+        // A kernel shared by the batch: its gradient sums over the batch entries.
+        let w = rand_tensor(&[5, 3], 15, 1.0)?;
+        let x = rand_tensor(&[2, 3, 4], 16, 1.0)?;
+        let report = check_gradients(
+            |v| matmul(&v[0].broadcast_left(2)?, &v[1]),
+            &[w, x],
+            GradCheck::default(),
+        )?;
+        assert!(report.max_abs_err < 1e-7, "{report:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn constant_operand_gets_no_gradient() -> Result<()> {
+        let a = Var::from_tensor(&rand_tensor(&[4, 3], 17, 1.0)?)?;
+        let b = rand_tensor(&[3, 2], 18, 1.0)?;
+        let grads = matmul(a.as_tensor(), &b)?.sum_all()?.backward()?;
+        assert!(grads.get(a.as_tensor()).is_some());
+        assert!(grads.get(&b).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error_naming_both() -> Result<()> {
+        let a = rand_tensor(&[2, 3], 19, 1.0)?;
+        let b = rand_tensor(&[4, 2], 20, 1.0)?;
+        let err = matmul(&a, &b).unwrap_err().to_string();
+        assert!(err.contains("[2, 3]") && err.contains("[4, 2]"), "{err}");
+        let c = rand_tensor(&[2, 3, 4], 21, 1.0)?;
+        assert!(matmul(&c, &rand_tensor(&[3, 4, 2], 22, 1.0)?).is_err());
+        Ok(())
+    }
+}
