@@ -1,8 +1,8 @@
 //! Scaled dot-product attention with a correct gradient.
 //!
 //! `candle_nn::ops::sdpa` has no backward (and no CPU kernel) and `softmax_last_dim` drops the
-//! gradient (CANDLE_PITFALLS.md); this is the plain math path: two batched matmuls ([`crate::matmul`])
-//! and [`crate::ops::softmax`].
+//! gradient (CANDLE_PITFALLS.md); this is the plain math path: two batched matmuls
+//! ([`crate::matmul`]) and [`crate::ops::softmax`].
 
 use candle_core::{Result, Tensor, D};
 

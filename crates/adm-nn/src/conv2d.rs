@@ -75,7 +75,8 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
     x.apply_op2(&weight, op)
 }
 
-/// The CPU convolution in GEMMs over unfolded windows (no autograd).
+/// The backward of the CPU convolution in GEMMs over unfolded windows (no autograd; the
+/// forward is [`crate::fused::conv2d_cpu`]).
 #[derive(Clone, Copy)]
 struct Conv2dCpu {
     win: Windows,
@@ -83,14 +84,9 @@ struct Conv2dCpu {
 }
 
 impl Conv2dCpu {
-    fn pointwise(&self) -> bool {
-        let w = self.win;
-        (w.kh, w.kw, w.padding, w.stride) == (1, 1, 0, 1)
-    }
-
     /// (B, C_in kh kw, Ho Wo): the windows of `x`, or `x` itself for a 1x1 convolution.
     fn cols(&self, x: &Tensor) -> Result<Tensor> {
-        if self.pointwise() {
+        if self.win.pointwise() {
             x.reshape((x.dim(0)?, self.c_in, ()))
         } else {
             unfold(x, self.win)
@@ -106,7 +102,7 @@ impl Conv2dCpu {
     fn input_grad(&self, weight: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (b, h, w) = (grad.dim(0)?, self.win.h, self.win.w);
         let cols = crate::matmul(&self.matrix(weight)?.t()?.broadcast_left(b)?, grad)?;
-        if self.pointwise() {
+        if self.win.pointwise() {
             cols.reshape((b, self.c_in, h, w))
         } else {
             col2im(&cols, self.win)
@@ -120,7 +116,9 @@ impl Conv2dCpu {
 }
 
 /// The convolution as one autograd node: the forward is [`crate::fused::conv2d_cpu`] on the
-/// operands' storage, the backward two batched GEMMs and the adjoint of the unfolding.
+/// operands' storage, the backward two batched GEMMs and the adjoint of the unfolding (it
+/// unfolds `x` again rather than keep the windows, 9x the input for a 3x3 kernel, alive in
+/// the graph).
 /// Candle's own graph of the same ops would accumulate the gradient of the unfolded windows
 /// (C_in kh kw times the input) into a fresh zero tensor and reduce the broadcast kernel's
 /// gradient with a slow strided sum.

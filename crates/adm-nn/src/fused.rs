@@ -32,7 +32,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use crate::matmul::{gemm_batched, View};
 
 /// The float types the kernels are written for.
-trait Real:
+pub(crate) trait Real:
     'static
     + Copy
     + Send
@@ -509,6 +509,7 @@ fn affine_norm(
     normalize(x, w, b, shape, eps)
 }
 
+#[derive(Clone, Copy)]
 struct Norm {
     shape: NormShape,
     eps: f64,
@@ -543,14 +544,7 @@ impl CustomOp3 for Norm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let all = x.apply_op3_no_bwd(
-            w,
-            &grad.contiguous()?,
-            &NormGrad {
-                shape: self.shape,
-                eps: self.eps,
-            },
-        )?;
+        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormGrad(*self))?;
         let (n, p) = (x.elem_count(), w.elem_count());
         let part = |t: &Tensor, start: usize, len: usize| {
             tracked(t, || all.narrow(0, start, len)?.reshape(t.shape()))
@@ -569,10 +563,8 @@ pub(crate) fn tracked(t: &Tensor, grad: impl FnOnce() -> Result<Tensor>) -> Resu
     }
 }
 
-struct NormGrad {
-    shape: NormShape,
-    eps: f64,
-}
+/// The backward of [`Norm`]: `[dx | dw | db]` from `x`, `w` and the output gradient.
+struct NormGrad(Norm);
 
 impl CustomOp3 for NormGrad {
     fn name(&self) -> &'static str {
@@ -588,7 +580,7 @@ impl CustomOp3 for NormGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (shape, eps) = (self.shape, self.eps);
+        let Norm { shape, eps } = self.0;
         let len = xl.shape().elem_count() + 2 * wl.shape().elem_count();
         let out = dispatch!(self.name(), [(xs, xl), (ws, wl), (gs, gl)], |x, w, g| {
             norm_bwd(x, w, g, shape, Real::from_f64(eps))
@@ -612,6 +604,11 @@ pub(crate) struct Windows {
 }
 
 impl Windows {
+    /// A 1x1 stride-1 window without padding: the input is its own unfolding.
+    pub fn pointwise(&self) -> bool {
+        (self.kh, self.kw, self.padding, self.stride) == (1, 1, 0, 1)
+    }
+
     pub fn out_size(&self) -> (usize, usize) {
         let p = self.padding;
         (
@@ -721,9 +718,8 @@ fn conv_planes<T: Real>(
 ) -> Vec<T> {
     let (ho, wo) = win.out_size();
     let (k, l) = (c_in * win.kh * win.kw, ho * wo);
-    let pointwise = (win.kh, win.kw, win.padding, win.stride) == (1, 1, 0, 1);
     let unfolded;
-    let cols = if pointwise {
+    let cols = if win.pointwise() {
         x
     } else {
         unfolded = im2col_planes(x, (b, c_in), win);
@@ -737,13 +733,7 @@ fn conv_planes<T: Real>(
         cs: 1,
         bs,
     };
-    gemm_batched(
-        b,
-        (w, matrix(c_out, k, 0)),
-        (cols, matrix(k, l, k * l)),
-        T::ZERO,
-        T::ONE,
-    )
+    gemm_batched(b, (w, matrix(c_out, k, 0)), (cols, matrix(k, l, k * l)))
 }
 
 /// Unfolds contiguous (B, C, H, W) `x` into (B, C kh kw, Ho Wo) (no autograd: the

@@ -16,7 +16,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::fused::tracked;
+use crate::fused::{tracked, Real};
 
 /// `a @ b` over the last two axes, batched over the leading ones (which must match), as
 /// `Tensor::matmul`. CPU f32 / f64 products run on candle's worker pool; anything else is
@@ -99,12 +99,10 @@ const TILE_EDGE: usize = 128;
 
 /// `out[e] = a[e] b[e]` for `batch` entries; `out` is contiguous (batch, m, n). No axis is
 /// empty ([`matmul`] leaves empty operands to candle).
-pub(crate) fn gemm_batched<T: Copy + Send + Sync + 'static>(
+pub(crate) fn gemm_batched<T: Real>(
     batch: usize,
     (a, av): (&[T], View),
     (b, bv): (&[T], View),
-    zero: T,
-    one: T,
 ) -> Vec<T> {
     let (m, k, n) = (av.rows, av.cols, bv.cols);
     let len = batch * m * n;
@@ -133,8 +131,8 @@ pub(crate) fn gemm_batched<T: Copy + Send + Sync + 'static>(
                 b.add(bv.offset + e * bv.bs + c.start * bv.cs),
                 bv.cs as isize,
                 bv.rs as isize,
-                zero,
-                one,
+                T::ZERO,
+                T::ONE,
                 false,
                 false,
                 false,
@@ -188,10 +186,10 @@ impl CustomOp2 for MatMul {
         shape[d.len() - 1] = bv.cols;
         let out = match (a, b) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(gemm_batched(batch, (a, av), (b, bv), 0.0, 1.0))
+                CpuStorage::F32(gemm_batched(batch, (a, av), (b, bv)))
             }
             (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(gemm_batched(batch, (a, av), (b, bv), 0.0, 1.0))
+                CpuStorage::F64(gemm_batched(batch, (a, av), (b, bv)))
             }
             _ => candle_core::bail!(
                 "matmul: expected two f32 or two f64 operands, got {:?} and {:?}",
