@@ -68,11 +68,13 @@ impl ResnetBlock2D {
 
     /// `temb` is required exactly when the block was built with `temb_channels`.
     pub(crate) fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let mut h = self
+            .conv1
+            .forward(&adm_nn::silu(&self.norm1.forward(xs)?)?)?;
         match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 // One value per (sample, channel), added over the plane.
-                let t = proj.forward(&temb.silu()?)?.flatten_all()?;
+                let t = proj.forward(&adm_nn::silu(temb)?)?.flatten_all()?;
                 let (b, c, y, x) = h.dims4()?;
                 h = adm_nn::bias_add(&h.reshape((b * c, y * x))?, &t, 0)?.reshape((b, c, y, x))?;
             }
@@ -80,7 +82,9 @@ impl ResnetBlock2D {
             (Some(_), None) => candle_core::bail!("ResnetBlock2D: needs a time embedding"),
             (None, Some(_)) => candle_core::bail!("ResnetBlock2D: has no time_emb_proj"),
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self
+            .conv2
+            .forward(&adm_nn::silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),

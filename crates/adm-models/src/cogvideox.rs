@@ -516,7 +516,7 @@ impl LayerNormZero {
     }
 
     fn forward(&self, video: &Tensor, text: &Tensor, temb: &Tensor) -> Result<Modulated> {
-        let mods = self.linear.forward(&temb.silu()?)?;
+        let mods = self.linear.forward(&adm_nn::silu(temb)?)?;
         let c = |i| chunk(&mods, i, 6);
         Ok(Modulated {
             video: modulate(&self.norm, video, &c(0)?, &c(1)?)?,
@@ -906,7 +906,7 @@ impl CogVideoXTransformer3DModel {
             }
         }
         let video = self.norm_final.forward(&video)?;
-        let mods = self.norm_out_linear.forward(&temb.silu()?)?;
+        let mods = self.norm_out_linear.forward(&adm_nn::silu(&temb)?)?;
         let video = modulate(
             &self.norm_out_norm,
             &video,

@@ -340,9 +340,9 @@ impl ResnetBlock3D {
     }
 
     fn forward(&self, xs: &Tensor, zq: &Tensor, cache: &mut ConvCache) -> Result<Tensor> {
-        let h = self.norm1.forward(xs, zq)?.silu()?;
+        let h = adm_nn::silu(&self.norm1.forward(xs, zq)?)?;
         let h = self.conv1.forward(&h, cache)?;
-        let h = self.norm2.forward(&h, zq)?.silu()?;
+        let h = adm_nn::silu(&self.norm2.forward(&h, zq)?)?;
         let h = self.conv2.forward(&h, cache)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
@@ -458,7 +458,7 @@ impl Decoder {
                 h = up.forward(&h)?;
             }
         }
-        let h = self.norm_out.forward(&h, z)?.silu()?;
+        let h = adm_nn::silu(&self.norm_out.forward(&h, z)?)?;
         self.conv_out.forward(&h, cache)
     }
 }

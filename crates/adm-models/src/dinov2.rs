@@ -272,7 +272,7 @@ impl Ffn {
                 let both = weights_in.forward(x)?;
                 let h = both.dim(D::Minus1)? / 2;
                 // The gate is the first half (the checkpoint's `chunk(2, dim=-1)`).
-                let gate = both.narrow(D::Minus1, 0, h)?.silu()?;
+                let gate = adm_nn::silu(&both.narrow(D::Minus1, 0, h)?)?;
                 weights_out.forward(&(gate * both.narrow(D::Minus1, h, h)?)?)
             }
         }

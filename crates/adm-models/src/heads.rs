@@ -41,7 +41,7 @@ impl Module for VectorHead {
             );
         }
         self.linear_2
-            .forward(&self.linear_1.forward(features)?.silu()?)?
+            .forward(&adm_nn::silu(&self.linear_1.forward(features)?)?)?
             .squeeze(1)
     }
 }
@@ -256,7 +256,7 @@ impl FeatureExtractor for RandomFeatureMlp {
         let mut h = x.clone();
         let mut out = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            h = layer.forward(&h)?.silu()?;
+            h = adm_nn::silu(&layer.forward(&h)?)?;
             out.push(h.clone());
         }
         Ok(out)

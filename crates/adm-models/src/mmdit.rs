@@ -269,7 +269,7 @@ impl AdaLayerNorm {
 
     fn params(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
         self.linear
-            .forward(&temb.silu()?)?
+            .forward(&adm_nn::silu(temb)?)?
             .chunk(self.chunks, 1)?
             .iter()
             .map(per_token)

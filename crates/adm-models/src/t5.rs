@@ -220,7 +220,7 @@ impl Activation {
             Self::Gelu => xs.gelu_erf(),
             // candle's `gelu` is the tanh approximation.
             Self::GeluTanh => xs.gelu(),
-            Self::Silu => xs.silu(),
+            Self::Silu => adm_nn::silu(xs),
         }
     }
 }

@@ -71,8 +71,8 @@ impl ResBlock {
     }
 
     fn forward(&self, h: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let inner = (self.linear_1.forward(&h.silu()?)? + self.emb_proj.forward(emb)?)?;
-        h + self.linear_2.forward(&inner.silu()?)?
+        let inner = (self.linear_1.forward(&adm_nn::silu(h)?)? + self.emb_proj.forward(emb)?)?;
+        h + self.linear_2.forward(&adm_nn::silu(&inner)?)?
     }
 }
 
@@ -136,7 +136,7 @@ impl ToyMlp {
             .to_dtype(self.proj_in.weight().dtype())?;
         let time = self
             .time_linear_2
-            .forward(&self.time_linear_1.forward(&time)?.silu()?)?;
+            .forward(&adm_nn::silu(&self.time_linear_1.forward(&time)?)?)?;
         let classes = cond.get(CLASS_LABELS)?;
         let max_class = classes
             .max_all()?
@@ -148,7 +148,7 @@ impl ToyMlp {
                 self.config.num_classes
             );
         }
-        (time + self.class_embedding.forward(classes)?)?.silu()
+        adm_nn::silu(&(time + self.class_embedding.forward(classes)?)?)
     }
 
     /// Runs the blocks, handing every block output to `visit`; stops when it returns false.
@@ -178,7 +178,7 @@ impl Backbone for ToyMlp {
 
     fn forward(&self, x_t: &Tensor, t: &Tensor, cond: &Condition) -> Result<Tensor> {
         let h = self.trunk(x_t, t, cond, |_, _| true)?;
-        self.proj_out.forward(&h.silu()?)
+        self.proj_out.forward(&adm_nn::silu(&h)?)
     }
 
     fn features(

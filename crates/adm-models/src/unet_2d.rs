@@ -574,7 +574,8 @@ impl TimestepEmbedding {
 
 impl Module for TimestepEmbedding {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+        self.linear_2
+            .forward(&adm_nn::silu(&self.linear_1.forward(xs)?)?)
     }
 }
 
@@ -1373,7 +1374,7 @@ impl UNet2DConditionModel {
                 return Ok(None);
             }
         }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = adm_nn::silu(&self.conv_norm_out.forward(&h)?)?;
         Ok(Some(self.conv_out.forward(&h)?))
     }
 }

@@ -33,8 +33,7 @@ pub fn scaled_dot_product_attention(
     }
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
     let q = (q.contiguous()? * scale)?;
-    let kt = k.contiguous()?.transpose(2, 3)?;
-    let mut scores = crate::matmul(&q, &kt)?;
+    let mut scores = crate::matmul_t(&q, &k.contiguous()?)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     }

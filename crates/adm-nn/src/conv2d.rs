@@ -16,7 +16,9 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::fused::{col2im, sum_batch, tracked, unfold, Windows};
+use crate::fused::{
+    col2im, sum_batch, sum_transposed_planes, tracked, transpose_planes, unfold, Windows,
+};
 
 /// Padding and stride of a convolution (no dilation, no groups).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,9 +111,19 @@ impl Conv2dCpu {
         }
     }
 
-    /// dW = Σ_b dy_b colsᵀ_b.
+    /// dW = Σ_b dy_b colsᵀ_b. gemm packs the operand it reads along the output's rows by
+    /// transposing it, slowly, so where the window matrices (C_in kh kw, Ho Wo) outweigh the
+    /// weight (more output positions than output channels) it computes `(Σ_b cols_b dy_bᵀ)ᵀ`
+    /// instead: the windows are read as they lie, and the transposes are of `dy` and of the
+    /// weight-sized result (docs/benchmarks.md, "Fifth round").
     fn weight_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        sum_batch(&crate::matmul(grad, &self.cols(x)?.t()?)?)
+        let (c_out, positions) = (grad.dim(1)?, grad.dim(2)?);
+        let cols = self.cols(x)?;
+        if positions > c_out {
+            sum_transposed_planes(&crate::matmul(&cols, &transpose_planes(grad)?)?)
+        } else {
+            sum_batch(&crate::matmul(grad, &cols.t()?)?)
+        }
     }
 }
 

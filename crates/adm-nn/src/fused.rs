@@ -153,13 +153,23 @@ const PAR_UNIT: usize = 16 * 1024;
 /// use). Each part is zeroed by the thread that fills it: a serial zero-fill of the whole
 /// output had been 3% of a two-thread UNet training step.
 fn par_blocks<T: Real>(len: usize, block: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    par_blocks_at_least(len, block, 1, f)
+}
+
+/// [`par_blocks`] with parts of at least `min_blocks` blocks (but for the last).
+fn par_blocks_at_least<T: Real>(
+    len: usize,
+    block: usize,
+    min_blocks: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
     let blocks = len / block.max(1);
     if len < PAR_MIN || blocks < 2 || blocks * block != len {
         let mut out = vec![T::ZERO; len];
         f(0, &mut out);
         return out;
     }
-    let per_unit = PAR_UNIT.div_ceil(block);
+    let per_unit = PAR_UNIT.div_ceil(block).max(min_blocks);
     let mut out: Vec<T> = Vec::with_capacity(len);
     let ptr = out.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(blocks.div_ceil(per_unit), |units| {
@@ -881,6 +891,71 @@ impl CustomOp2 for GegluGrad {
 }
 
 // ---------------------------------------------------------------------------------------
+// SiLU.
+
+/// `x σ(x)` of a CPU f32 / f64 tensor, one autograd node whose backward is one pass
+/// (candle's takes nine tensor ops).
+pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Silu)
+}
+
+struct Silu;
+struct SiluGrad;
+
+fn silu_elems<T: Real>(x: &[T]) -> Vec<T> {
+    par_blocks(x.len(), 1, |first, out| {
+        for (y, &x) in out.iter_mut().zip(&x[first..]) {
+            // candle's formula, so the forward is bitwise candle's `silu`.
+            *y = x / (T::ONE + (-x).exp());
+        }
+    })
+}
+
+fn silu_grad_elems<T: Real>(x: &[T], dy: &[T]) -> Vec<T> {
+    par_blocks(x.len(), 1, |first, out| {
+        for ((dx, &x), &dy) in out.iter_mut().zip(&x[first..]).zip(&dy[first..]) {
+            // d/dx x σ(x) = σ(x) (1 + x (1 - σ(x)))
+            let s = T::ONE / (T::ONE + (-x).exp());
+            *dx = dy * s * (T::ONE + x * (T::ONE - s));
+        }
+    })
+}
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "adm-silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(self.name(), [(s, l)], |x| silu_elems(x));
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &SiluGrad)?))
+    }
+}
+
+impl CustomOp2 for SiluGrad {
+    fn name(&self) -> &'static str {
+        "adm-silu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(self.name(), [(xs, xl), (gs, gl)], |x, g| {
+            silu_grad_elems(x, g)
+        });
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Bias addition along one axis.
 
 /// `x + bias` for contiguous `x` viewed as (outer, n, inner) around `axis` (of size n) and
@@ -996,7 +1071,6 @@ impl CustomOp1 for BiasGrad {
     }
 }
 
-// ---------------------------------------------------------------------------------------
 // Sum over the batch axis.
 
 /// The sum of contiguous `x` (B, ...) over its first axis, no autograd (candle's reduction
@@ -1009,13 +1083,14 @@ struct SumBatch(usize);
 
 fn sum_rows<T: Real>(x: &[T], b: usize) -> Vec<T> {
     let n = x.len() / b.max(1);
-    let mut out = x[..n].to_vec();
-    for chunk in x.chunks_exact(n).skip(1) {
-        for (o, &v) in out.iter_mut().zip(chunk) {
-            *o += v;
+    par_blocks(n, 1, |first, out| {
+        out.copy_from_slice(&x[first..first + out.len()]);
+        for chunk in x.chunks_exact(n).skip(1) {
+            for (o, &v) in out.iter_mut().zip(&chunk[first..]) {
+                *o += v;
+            }
         }
-    }
-    out
+    })
 }
 
 impl CustomOp1 for SumBatch {
@@ -1027,6 +1102,80 @@ impl CustomOp1 for SumBatch {
         let b = self.0;
         let out = dispatch!(self.name(), [(s, l)], |x| sum_rows(x, b));
         Ok((out, Shape::from(&l.dims()[1..])))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Transposes of stacked matrices.
+
+/// (B, R, C) -> (B, C, R): each matrix of contiguous `x` transposed, no autograd (candle's
+/// strided copy of a transposed view moves one element at a time through an index iterator).
+pub(crate) fn transpose_planes(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&TransposePlanes { sum: false })
+}
+
+/// (B, R, C) -> (C, R): the sum over the batch of the transposed matrices, no autograd.
+pub(crate) fn sum_transposed_planes(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op1_no_bwd(&TransposePlanes { sum: true })
+}
+
+struct TransposePlanes {
+    sum: bool,
+}
+
+/// Square blocks of this edge are transposed at a time, so the strided reads of a block stay
+/// in L1.
+const TRANSPOSE_TILE: usize = 32;
+
+fn transpose_planes_of<T: Real>(x: &[T], (b, r, c): (usize, usize, usize), sum: bool) -> Vec<T> {
+    let planes = if sum { 1 } else { b };
+    // Parts of whole row tiles: a thinner part would read each cache line of `x` for only a
+    // few of the 16 columns it holds.
+    par_blocks_at_least(planes * c * r, r, TRANSPOSE_TILE, |first, out| {
+        let rows = out.len() / r;
+        for t0 in (0..rows).step_by(TRANSPOSE_TILE) {
+            for i0 in (0..r).step_by(TRANSPOSE_TILE) {
+                let i1 = r.min(i0 + TRANSPOSE_TILE);
+                for t in t0..rows.min(t0 + TRANSPOSE_TILE) {
+                    // Output row t is column j of input plane `plane` (of every plane for a sum).
+                    let (plane, j) = ((first + t) / c, (first + t) % c);
+                    let sources = if sum { 0..b } else { plane..plane + 1 };
+                    let dst = &mut out[t * r + i0..t * r + i1];
+                    for (n, p) in sources.enumerate() {
+                        let src = x[p * r * c + i0 * c + j..].iter().step_by(c);
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = if n == 0 { v } else { *d + v };
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+impl CustomOp1 for TransposePlanes {
+    fn name(&self) -> &'static str {
+        "adm-transpose-planes"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let &[b, r, c] = l.dims() else {
+            candle_core::bail!("{}: expected (B, R, C), got {:?}", self.name(), l.dims())
+        };
+        let sum = self.sum;
+        let out = dispatch!(self.name(), [(s, l)], |x| transpose_planes_of(
+            x,
+            (b, r, c),
+            sum
+        ));
+        let shape = if sum {
+            Shape::from((c, r))
+        } else {
+            Shape::from((b, c, r))
+        };
+        Ok((out, shape))
     }
 }
 
@@ -1234,6 +1383,14 @@ mod tests {
     }
 
     #[test]
+    fn silu_matches_candle() -> Result<()> {
+        let x = rand_tensor(&[2, 3, 17], 9, 4.0)?;
+        assert_eq!(to_vec(&silu(&x)?)?, to_vec(&x.silu()?)?);
+        check(|v| silu(&v[0]), |v| v[0].silu(), std::slice::from_ref(&x))?;
+        f32_close(|v| silu(&v[0]), &[x])
+    }
+
+    #[test]
     fn bias_add_matches_broadcast_add_on_every_axis() -> Result<()> {
         let x = rand_tensor(&[2, 3, 4, 5], 6, 1.0)?;
         for axis in 0..4 {
@@ -1267,6 +1424,12 @@ mod tests {
             |v| composed_geglu(&v[0]),
             std::slice::from_ref(&x),
             1e-5,
+        )?;
+        compare(
+            |v| silu(&v[0]),
+            |v| v[0].silu(),
+            std::slice::from_ref(&x),
+            1e-10,
         )?;
         let (w, b) = (rand_tensor(&[96], 71, 1.0)?, rand_tensor(&[96], 72, 1.0)?);
         compare(
@@ -1311,8 +1474,27 @@ mod tests {
 
     #[test]
     fn sum_batch_matches_candle() -> Result<()> {
-        let x = rand_tensor(&[3, 4, 5], 8, 1.0)?;
-        assert_close(&to_vec(&sum_batch(&x)?)?, &to_vec(&x.sum(0)?)?, 1e-12);
+        // One below the parallel threshold, one above.
+        for dims in [[3, 4, 5], [3, 300, 260]] {
+            let x = rand_tensor(&dims, 8, 1.0)?;
+            assert_close(&to_vec(&sum_batch(&x)?)?, &to_vec(&x.sum(0)?)?, 1e-12);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn transposes_match_candle() -> Result<()> {
+        // Odd sizes on both sides of the block edge, and outputs past the parallel threshold.
+        for dims in [[3, 5, 7], [2, 70, 33], [3, 300, 260]] {
+            let x = rand_tensor(&dims, 8, 1.0)?;
+            let t = x.transpose(1, 2)?;
+            assert_eq!(to_vec(&transpose_planes(&x)?)?, to_vec(&t)?);
+            assert_close(
+                &to_vec(&sum_transposed_planes(&x)?)?,
+                &to_vec(&t.sum(0)?)?,
+                1e-12,
+            );
+        }
         Ok(())
     }
 

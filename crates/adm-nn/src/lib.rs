@@ -22,8 +22,10 @@ pub use conv3d::{conv3d, conv3d_forward, conv3d_no_bias, Conv3d, Conv3dConfig, T
 pub use gradcheck::{assert_every_var_has_grad, check_gradients, GradCheck, GradReport};
 pub use init::{derive_seed, randn, SeededVarMap};
 pub use linear::{linear, linear_b, linear_no_bias, Linear};
-pub use matmul::matmul;
+pub use matmul::{matmul, matmul_t};
 pub use ops::layers::{group_norm, layer_norm, rms_norm};
-pub use ops::{bias_add, geglu, gelu_tanh, log_softmax, softmax, GroupNorm, LayerNorm, RmsNorm};
+pub use ops::{
+    bias_add, geglu, gelu_tanh, log_softmax, silu, softmax, GroupNorm, LayerNorm, RmsNorm,
+};
 pub use rope::{apply_rotary_emb, rope_cos_sin, RopeLayout};
 pub use upsample::{upsample_nearest2d, upsample_nearest3d};

@@ -35,21 +35,18 @@ impl From<candle_nn::Linear> for Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let Some((&k, lead)) = dims.split_last() else {
-            candle_core::bail!("linear: a scalar input")
-        };
-        // One 2-D GEMM over all leading axes (a contiguous copy is cheaper than a batched
-        // matmul over strided rows).
-        let rows: usize = lead.iter().product();
-        let y = crate::matmul(&x.contiguous()?.reshape((rows, k))?, &self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => crate::ops::bias_add(&y, b, 1)?,
-            None => y,
-        };
-        let mut out = lead.to_vec();
-        out.push(self.weight.dim(0)?);
-        y.reshape(out)
+        match x.rank() {
+            0 => candle_core::bail!("linear: a scalar input"),
+            1 => return self.forward(&x.unsqueeze(0)?)?.squeeze(0),
+            _ => {}
+        }
+        // One GEMM over all rows of x, its leading axes flattened inside the product (a
+        // reshape would add two nodes, each a zero-fill and an addition in the backward).
+        let y = crate::matmul_t(&x.contiguous()?, &self.weight)?;
+        match &self.bias {
+            Some(b) => crate::ops::bias_add(&y, b, y.rank() - 1),
+            None => Ok(y),
+        }
     }
 }
 

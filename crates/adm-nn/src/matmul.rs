@@ -14,21 +14,64 @@
 //! itself two products through the same code.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 
 use crate::fused::{tracked, Real};
 
 /// `a @ b` over the last two axes, batched over the leading ones (which must match), as
-/// `Tensor::matmul`. CPU f32 / f64 products run on candle's worker pool; anything else is
+/// `Tensor::matmul`; a 2-D `b` under an `a` with more axes multiplies all of `a`'s rows (as
+/// `broadcast_matmul`, but one product and no reshape nodes). CPU f32 / f64 products run on candle's worker pool; anything else is
 /// candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !crate::fused::applies(a) || !crate::fused::applies(b) || a.dtype() != b.dtype() {
-        return a.matmul(b);
-    }
+    product(
+        a,
+        b,
+        MatMul {
+            rhs_transposed: false,
+        },
+    )
+}
+
+/// `a @ bᵀ` over the last two axes (`b` is (..., n, k)), as [`matmul`] of `a` and `b`'s
+/// transpose, but one autograd node whose gradient for `b` comes out in `b`'s own layout.
+/// Through a transposed view, candle's backward would add that gradient into a zero tensor
+/// element by element (7% of a mid UNet training step, docs/benchmarks.md).
+pub fn matmul_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    product(
+        a,
+        b,
+        MatMul {
+            rhs_transposed: true,
+        },
+    )
+}
+
+fn product(a: &Tensor, b: &Tensor, op: MatMul) -> Result<Tensor> {
     let (ad, bd) = (a.dims(), b.dims());
-    let r = ad.len();
-    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
-        candle_core::bail!("matmul: shapes {ad:?} and {bd:?} do not multiply")
+    let (r, rb) = (ad.len(), bd.len());
+    // A 2-D `b` under a batched `a` multiplies all of `a`'s rows at once.
+    let flat = rb == 2 && r > 2;
+    let fits = r >= 2
+        && rb >= 2
+        && ad[r - 1] == bd[if op.rhs_transposed { rb - 1 } else { rb - 2 }]
+        && (flat || (rb == r && ad[..r - 2] == bd[..r - 2]));
+    if !fits {
+        candle_core::bail!("{}: shapes {ad:?} and {bd:?} do not multiply", op.name())
+    }
+    if !crate::fused::applies(a) || !crate::fused::applies(b) || a.dtype() != b.dtype() {
+        let b = if op.rhs_transposed {
+            b.transpose(rb - 2, rb - 1)?
+        } else {
+            b.clone()
+        };
+        return if flat {
+            a.broadcast_matmul(&b)
+        } else {
+            a.matmul(&b)
+        };
+    }
+    if flat {
+        return a.contiguous()?.apply_op2(&b.contiguous()?, op);
     }
     let collapsible = |t: &Tensor| -> Result<Tensor> {
         if batch_stride(t.layout()).is_some() {
@@ -37,7 +80,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             t.contiguous()
         }
     };
-    collapsible(a)?.apply_op2(&collapsible(b)?, MatMul)
+    collapsible(a)?.apply_op2(&collapsible(b)?, op)
 }
 
 /// The one stride that steps through all batch entries of `l` (its leading axes flattened),
@@ -71,6 +114,17 @@ pub(crate) struct View {
 }
 
 impl View {
+    /// The same matrices transposed.
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
     fn of(l: &Layout) -> Result<Self> {
         let (d, s) = (l.dims(), l.stride());
         let r = d.len();
@@ -165,11 +219,18 @@ pub(crate) fn gemm_batched<T: Real>(
     out
 }
 
-struct MatMul;
+/// `a b`, or `a bᵀ` with `b` as stored.
+struct MatMul {
+    rhs_transposed: bool,
+}
 
 impl CustomOp2 for MatMul {
     fn name(&self) -> &'static str {
-        "adm-matmul"
+        if self.rhs_transposed {
+            "adm-matmul-t"
+        } else {
+            "adm-matmul"
+        }
     }
 
     fn cpu_fwd(
@@ -179,9 +240,26 @@ impl CustomOp2 for MatMul {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (av, bv) = (View::of(al)?, View::of(bl)?);
+        let mut bv = View::of(bl)?;
+        if self.rhs_transposed {
+            bv = bv.t();
+        }
         let d = al.dims();
-        let batch: usize = d[..d.len() - 2].iter().product();
+        let (batch, av) = if bl.dims().len() == 2 && d.len() > 2 {
+            // All of (contiguous) a's rows against the one b.
+            let k = d[d.len() - 1];
+            let av = View {
+                offset: al.start_offset(),
+                rows: al.shape().elem_count() / k,
+                cols: k,
+                rs: k,
+                cs: 1,
+                bs: 0,
+            };
+            (1, av)
+        } else {
+            (d[..d.len() - 2].iter().product(), View::of(al)?)
+        };
         let mut shape = d.to_vec();
         shape[d.len() - 1] = bv.cols;
         let out = match (a, b) {
@@ -207,10 +285,23 @@ impl CustomOp2 for MatMul {
         _c: &Tensor,
         dc: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dc = dc.detach();
-        let r = dc.rank();
-        let da = tracked(a, || matmul(&dc, &b.detach().transpose(r - 2, r - 1)?))?;
-        let db = tracked(b, || matmul(&a.detach().transpose(r - 2, r - 1)?, &dc))?;
+        let (ad, bd, dc) = (a.detach(), b.detach(), dc.detach());
+        // For a 2-D b under a batched a, b's gradient sums over all rows of a.
+        let (a_rows, dc_rows) = if b.rank() == 2 && a.rank() > 2 {
+            let rows = a.elem_count() / a.dim(D::Minus1)?;
+            (ad.reshape((rows, ()))?, dc.reshape((rows, ()))?)
+        } else {
+            (ad.clone(), dc.clone())
+        };
+        let t = |x: &Tensor| x.transpose(x.rank() - 2, x.rank() - 1);
+        // c = a b:  da = dc bᵀ, db = aᵀ dc.  c = a bᵀ:  da = dc b, db = dcᵀ a.
+        let (da, db) = if self.rhs_transposed {
+            let da = tracked(a, || matmul(&dc, &bd))?;
+            (da, tracked(b, || matmul(&t(&dc_rows)?, &a_rows))?)
+        } else {
+            let da = tracked(a, || matmul_t(&dc, &bd))?;
+            (da, tracked(b, || matmul(&t(&a_rows)?, &dc_rows))?)
+        };
         Ok((da, db))
     }
 }
@@ -296,6 +387,42 @@ mod tests {
             GradCheck::default(),
         )?;
         assert!(report.max_abs_err < 1e-7, "{report:?}");
+        Ok(())
+    }
+
+    /// `matmul_t` against `matmul` of the transpose, batched and with a 2-D right operand
+    /// under a 3-D left one (the linear layer), values and finite-difference gradients.
+    #[test]
+    fn transposed_and_flattened_products() -> Result<()> {
+        let a = rand_tensor(&[2, 3, 4], 23, 1.0)?;
+        let b = rand_tensor(&[2, 5, 4], 24, 1.0)?;
+        let w = rand_tensor(&[5, 4], 25, 1.0)?;
+        let v = rand_tensor(&[4, 5], 26, 1.0)?;
+        let t = |x: &Tensor| x.transpose(x.rank() - 2, x.rank() - 1)?.contiguous();
+        let close = |x: &Tensor, y: &Tensor| -> Result<()> {
+            assert_eq!(x.dims(), y.dims());
+            assert_close(&to_vec(x)?, &to_vec(y)?, 1e-12);
+            Ok(())
+        };
+        close(&matmul_t(&a, &b)?, &a.matmul(&t(&b)?)?)?;
+        close(&matmul_t(&a, &w)?, &a.broadcast_matmul(&t(&w)?)?)?;
+        close(&matmul(&a, &v)?, &a.broadcast_matmul(&v)?)?;
+        for (f, inputs) in [
+            (
+                matmul_t as fn(&Tensor, &Tensor) -> Result<Tensor>,
+                [a.clone(), b],
+            ),
+            (matmul_t, [a.clone(), w]),
+            (matmul, [a, v]),
+        ] {
+            let report = check_gradients(|x| f(&x[0], &x[1]), &inputs, GradCheck::default())?;
+            assert!(report.max_abs_err < 1e-7, "{report:?}");
+        }
+        assert!(matmul_t(
+            &rand_tensor(&[2, 3], 27, 1.0)?,
+            &rand_tensor(&[4, 2], 28, 1.0)?
+        )
+        .is_err());
         Ok(())
     }
 

@@ -46,6 +46,16 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     x * candle_nn::ops::sigmoid(&inner.affine(TWO_SQRT_2_OVER_PI, 0.0)?)?
 }
 
+/// SiLU `x σ(x)`, as `Tensor::silu`; on the CPU (f32 / f64) one autograd node whose
+/// backward is one pass where candle's takes nine tensor ops.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if crate::fused::applies(x) {
+        crate::fused::silu(x)
+    } else {
+        x.silu()
+    }
+}
+
 /// GEGLU of `x` (..., 2n) = (..., [a | g]): `a · gelu(g)` with the exact (erf) GELU, (..., n)
 /// (diffusers' `GEGLU`). Half-precision inputs are computed in f32 and cast back.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {

@@ -35,8 +35,8 @@ impl Classifier {
     /// (logits, features) of images (N, 1, 8, 8) in [-1, 1].
     pub fn forward(&self, images: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let x = images.flatten_from(1)?;
-        let h = self.hidden.forward(&x)?.silu()?;
-        let features = self.feature.forward(&h)?.silu()?;
+        let h = adm_nn::silu(&self.hidden.forward(&x)?)?;
+        let features = adm_nn::silu(&self.feature.forward(&h)?)?;
         Ok((self.out.forward(&features)?, features))
     }
 
