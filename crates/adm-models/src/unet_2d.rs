@@ -587,7 +587,6 @@ struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    head_dim: usize,
     context_dim: usize,
 }
 
@@ -607,7 +606,6 @@ impl Attention {
             to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
             to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
-            head_dim,
             context_dim,
         })
     }
@@ -615,8 +613,8 @@ impl Attention {
     /// `xs` (B, Lq, C); `context` (B, Lk, context_dim) or None for self-attention.
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
-        let (b, lq, _) = xs.dims3()?;
-        let (bc, lk, dc) = context.dims3()?;
+        let b = xs.dim(0)?;
+        let (bc, _, dc) = context.dims3()?;
         if bc != b || dc != self.context_dim {
             candle_core::bail!(
                 "attention: context has shape {:?}, expected ({b}, L, {})",
@@ -624,17 +622,13 @@ impl Attention {
                 self.context_dim
             )
         }
-        let split = |t: Tensor, l: usize| {
-            t.reshape((b, l, self.heads, self.head_dim))?
-                .transpose(1, 2)
-        };
-        let q = split(self.to_q.forward(xs)?, lq)?;
-        let k = split(self.to_k.forward(context)?, lk)?;
-        let v = split(self.to_v.forward(context)?, lk)?;
-        let out = adm_nn::scaled_dot_product_attention(&q, &k, &v, None, None)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, lq, self.heads * self.head_dim))?;
+        let out = adm_nn::multi_head_attention(
+            &self.to_q.forward(xs)?,
+            &self.to_k.forward(context)?,
+            &self.to_v.forward(context)?,
+            self.heads,
+            None,
+        )?;
         self.to_out.forward(&out)
     }
 }

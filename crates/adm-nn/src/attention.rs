@@ -2,9 +2,16 @@
 //!
 //! `candle_nn::ops::sdpa` has no backward (and no CPU kernel) and `softmax_last_dim` drops the
 //! gradient (CANDLE_PITFALLS.md); this is the plain math path: two batched matmuls
-//! ([`crate::matmul`]) and [`crate::ops::softmax`].
+//! ([`crate::matmul`]) and [`crate::ops::softmax`]. [`multi_head_attention`] is the same
+//! function on (B, L, heads x D) tensors as one autograd node.
 
-use candle_core::{Result, Tensor, D};
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+
+use crate::fused::{par_blocks, softmax_grad_rows, softmax_rows, Real};
+use crate::matmul::{gemm_batched, gemm_batched_scaled, View};
 
 /// `softmax(q kᵀ · scale + mask) v` for `q` (B, H, Lq, D), `k` (B, H, Lk, D), `v` (B, H, Lk, Dv);
 /// returns (B, H, Lq, Dv).
@@ -39,6 +46,317 @@ pub fn scaled_dot_product_attention(
     }
     let probs = crate::ops::softmax(&scores, D::Minus1)?;
     crate::matmul(&probs, &v.contiguous()?)
+}
+
+/// `softmax(q_h k_hᵀ · scale) v_h` for every head `h` of `q` (B, Lq, H·D), `k` (B, Lk, H·D)
+/// and `v` (B, Lk, H·Dv), the heads side by side along the last axis as a linear layer
+/// writes them; returns (B, Lq, H·Dv) in the same layout. `scale` defaults to `1 / sqrt(D)`.
+///
+/// The same function as splitting the heads, [`scaled_dot_product_attention`] and merging
+/// them, but on the CPU (f32 / f64) one autograd node that reads each head in place: the
+/// composed form puts about fifteen nodes in candle's graph (reshapes, transposes, copies,
+/// the scaling, scores and probabilities), each a zero-filled tensor and an addition in the
+/// backward. The node keeps the probabilities for its backward, as the composed form does.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: Option<f64>,
+) -> Result<Tensor> {
+    let (b, lq, hd) = q.dims3()?;
+    let (bk, lk, hdk) = k.dims3()?;
+    let (bv, lv, hdv) = v.dims3()?;
+    if heads == 0
+        || hd % heads != 0
+        || hdv % heads != 0
+        || (bk, hdk) != (b, hd)
+        || (bv, lv) != (bk, lk)
+    {
+        candle_core::bail!(
+            "multi_head_attention: {heads} heads do not fit q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let (d, dv) = (hd / heads, hdv / heads);
+    let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let all_fused = [q, k, v].iter().all(|t| crate::fused::applies(t))
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype();
+    if !all_fused {
+        let split = |t: &Tensor, l: usize, d: usize| t.reshape((b, l, heads, d))?.transpose(1, 2);
+        let out = scaled_dot_product_attention(
+            &split(q, lq, d)?,
+            &split(k, lk, d)?,
+            &split(v, lk, dv)?,
+            None,
+            Some(scale),
+        )?;
+        return out.transpose(1, 2)?.reshape((b, lq, hdv));
+    }
+    let op = MultiHeadAttention {
+        dims: HeadDims {
+            b,
+            lq,
+            lk,
+            h: heads,
+            d,
+            dv,
+        },
+        scale,
+        probs: Mutex::new(Vec::new()),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+#[derive(Clone, Copy)]
+struct HeadDims {
+    b: usize,
+    lq: usize,
+    lk: usize,
+    h: usize,
+    d: usize,
+    dv: usize,
+}
+
+impl HeadDims {
+    /// Head by head (the batch of a product), the (L, width) matrices of entry `b` of a
+    /// (B, L, H·width) tensor, or their transposes.
+    fn heads(&self, b: usize, l: usize, width: usize, transposed: bool) -> View {
+        let v = View {
+            offset: b * l * self.h * width,
+            rows: l,
+            cols: width,
+            rs: self.h * width,
+            cs: 1,
+            bs: width,
+        };
+        if transposed {
+            v.t()
+        } else {
+            v
+        }
+    }
+
+    /// The (H, Lq, Lk) scores or probabilities of one batch entry, or their transposes.
+    fn scores(&self, transposed: bool) -> View {
+        let v = View {
+            offset: 0,
+            rows: self.lq,
+            cols: self.lk,
+            rs: self.lk,
+            cs: 1,
+            bs: self.lq * self.lk,
+        };
+        if transposed {
+            v.t()
+        } else {
+            v
+        }
+    }
+}
+
+struct MultiHeadAttention {
+    dims: HeadDims,
+    scale: f64,
+    /// The softmax probabilities (H, Lq, Lk) of each batch entry in the forward, for the
+    /// backward.
+    probs: Mutex<Vec<CpuStorage>>,
+}
+
+/// Per batch entry `e`, (H, L, W) head-major rows, as one (B, L, H·W) tensor.
+fn merge_heads<T: Real>(parts: &[Vec<T>], (h, l, w): (usize, usize, usize)) -> Vec<T> {
+    par_blocks(parts.len() * l * h * w, h * w, |first, out| {
+        for (n, row) in out.chunks_exact_mut(h * w).enumerate() {
+            let (e, i) = ((first + n) / l, (first + n) % l);
+            for (head, dst) in row.chunks_exact_mut(w).enumerate() {
+                dst.copy_from_slice(&parts[e][(head * l + i) * w..][..w]);
+            }
+        }
+    })
+}
+
+/// Output (B, Lq, H·Dv) and each batch entry's probabilities (H, Lq, Lk).
+fn attention_fwd<T: Real>(
+    (q, k, v): (&[T], &[T], &[T]),
+    dm: HeadDims,
+    scale: T,
+) -> (Vec<T>, Vec<Vec<T>>) {
+    let HeadDims {
+        b,
+        lq,
+        lk,
+        h,
+        d,
+        dv,
+    } = dm;
+    let mut outs = Vec::with_capacity(b);
+    let mut probs = Vec::with_capacity(b);
+    for e in 0..b {
+        let (qh, kt) = (dm.heads(e, lq, d, false), dm.heads(e, lk, d, true));
+        let p = softmax_rows(&gemm_batched_scaled(h, (q, qh), (k, kt), scale), lk);
+        outs.push(gemm_batched(
+            h,
+            (&p, dm.scores(false)),
+            (v, dm.heads(e, lk, dv, false)),
+        ));
+        probs.push(p);
+    }
+    (merge_heads(&outs, (h, lq, dv)), probs)
+}
+
+/// (dq, dk, dv) from the inputs, the forward's probabilities and the output gradient.
+fn attention_bwd<T: Real>(
+    (q, k, v): (&[T], &[T], &[T]),
+    probs: &[&[T]],
+    dout: &[T],
+    dm: HeadDims,
+    scale: T,
+) -> [Vec<T>; 3] {
+    let HeadDims {
+        b,
+        lq,
+        lk,
+        h,
+        d,
+        dv,
+    } = dm;
+    let [mut dq, mut dk, mut dvs] = [(); 3].map(|_| Vec::with_capacity(b));
+    for (e, p) in probs.iter().enumerate() {
+        let dout_heads = dm.heads(e, lq, dv, false);
+        // dV = Pᵀ dO
+        dvs.push(gemm_batched(h, (p, dm.scores(true)), (dout, dout_heads)));
+        // dS = softmax'(P; dO Vᵀ); dQ = scale dS K, dK = scale dSᵀ Q
+        let dp = gemm_batched(h, (dout, dout_heads), (v, dm.heads(e, lk, dv, true)));
+        let ds = softmax_grad_rows(p, &dp, lk);
+        let kh = dm.heads(e, lk, d, false);
+        dq.push(gemm_batched_scaled(
+            h,
+            (&ds, dm.scores(false)),
+            (k, kh),
+            scale,
+        ));
+        let qh = dm.heads(e, lq, d, false);
+        dk.push(gemm_batched_scaled(
+            h,
+            (&ds, dm.scores(true)),
+            (q, qh),
+            scale,
+        ));
+    }
+    debug_assert_eq!(dq.len(), b);
+    [
+        merge_heads(&dq, (h, lq, d)),
+        merge_heads(&dk, (h, lk, d)),
+        merge_heads(&dvs, (h, lk, dv)),
+    ]
+}
+
+/// Gradients as tensors of the shapes of their inputs.
+fn shaped_like<T: candle_core::WithDType>(
+    g: [Vec<T>; 3],
+    like: [&Tensor; 3],
+) -> Result<Vec<Tensor>> {
+    g.into_iter()
+        .zip(like)
+        .map(|(g, t)| Tensor::from_vec(g, t.shape(), t.device()))
+        .collect()
+}
+
+/// The contiguous elements of a CPU storage from its layout's offset.
+fn elems<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    Ok(&s.as_slice::<T>()?[l.start_offset()..][..l.shape().elem_count()])
+}
+
+impl CustomOp3 for MultiHeadAttention {
+    fn name(&self) -> &'static str {
+        "adm-multi-head-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = self.dims;
+        let (out, probs) = match qs {
+            CpuStorage::F32(_) => {
+                let inputs = (elems(qs, ql)?, elems(ks, kl)?, elems(vs, vl)?);
+                let (o, p) = attention_fwd::<f32>(inputs, dm, self.scale as f32);
+                (
+                    CpuStorage::F32(o),
+                    p.into_iter().map(CpuStorage::F32).collect(),
+                )
+            }
+            CpuStorage::F64(_) => {
+                let inputs = (elems(qs, ql)?, elems(ks, kl)?, elems(vs, vl)?);
+                let (o, p) = attention_fwd::<f64>(inputs, dm, self.scale);
+                (
+                    CpuStorage::F64(o),
+                    p.into_iter().map(CpuStorage::F64).collect(),
+                )
+            }
+            other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
+        };
+        if let Ok(mut slot) = self.probs.lock() {
+            *slot = probs;
+        }
+        Ok((out, Shape::from((dm.b, dm.lq, dm.h * dm.dv))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let probs = self
+            .probs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", self.name())))?;
+        if probs.len() != self.dims.b {
+            candle_core::bail!("{}: backward before forward", self.name())
+        }
+        let grad = grad.contiguous()?;
+        let guards = [q, k, v, &grad].map(|t| t.storage_and_layout());
+        let mut cpu = Vec::with_capacity(4);
+        for (storage, layout) in &guards {
+            let Storage::Cpu(s) = &**storage else {
+                candle_core::bail!("{}: expected CPU tensors", self.name())
+            };
+            cpu.push((s, *layout));
+        }
+        let dm = self.dims;
+        let grads = match cpu[0].0 {
+            CpuStorage::F32(_) => {
+                let x = |i: usize| elems::<f32>(cpu[i].0, cpu[i].1);
+                let p: Vec<&[f32]> = probs.iter().map(|p| p.as_slice()).collect::<Result<_>>()?;
+                let g = attention_bwd((x(0)?, x(1)?, x(2)?), &p, x(3)?, dm, self.scale as f32);
+                shaped_like(g, [q, k, v])?
+            }
+            CpuStorage::F64(_) => {
+                let x = |i: usize| elems::<f64>(cpu[i].0, cpu[i].1);
+                let p: Vec<&[f64]> = probs.iter().map(|p| p.as_slice()).collect::<Result<_>>()?;
+                let g = attention_bwd((x(0)?, x(1)?, x(2)?), &p, x(3)?, dm, self.scale);
+                shaped_like(g, [q, k, v])?
+            }
+            other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
+        };
+        let [dq, dk, dv]: [Tensor; 3] = grads
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("three gradients".into()))?;
+        let keep = |t: &Tensor, g: Tensor| t.track_op().then_some(g);
+        Ok((keep(q, dq), keep(k, dk), keep(v, dv)))
+    }
 }
 
 #[cfg(test)]
@@ -126,6 +444,101 @@ mod tests {
             Some(0.7),
         )?;
         assert_close(&to_vec(&got3)?, &want, 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn multi_head_attention_matches_split_sdpa_merge() -> Result<()> {
+        let (b, h, lq, lk, d, dv) = (2, 3, 5, 7, 4, 2);
+        let (q, k, v) = (
+            rand_tensor(&[b, lq, h * d], 30, 1.0)?,
+            rand_tensor(&[b, lk, h * d], 31, 1.0)?,
+            rand_tensor(&[b, lk, h * dv], 32, 1.0)?,
+        );
+        let composed = composed_heads((b, h, lq, lk, d, dv));
+        let fused = |xs: &[Tensor]| multi_head_attention(&xs[0], &xs[1], &xs[2], h, Some(0.7));
+        let inputs = [q.clone(), k.clone(), v.clone()];
+        same_values_and_gradients(&fused, &composed, &inputs)?;
+        let r = check_gradients(fused, &inputs, GradCheck::default())?;
+        assert!(r.max_abs_numeric > 1e-3, "{r:?}");
+        // f32 within 1e-5 of f64, and the default scale.
+        let f32s: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_dtype(DType::F32))
+            .collect::<Result<_>>()?;
+        let lo = multi_head_attention(&f32s[0], &f32s[1], &f32s[2], h, None)?;
+        let hi = multi_head_attention(&q, &k, &v, h, Some(1.0 / (d as f64).sqrt()))?;
+        assert_close(&to_vec(&lo)?, &to_vec(&hi)?, 1e-5);
+        // Other dtypes take the composed path.
+        let f16s: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_dtype(DType::F16))
+            .collect::<Result<_>>()?;
+        let half = multi_head_attention(&f16s[0], &f16s[1], &f16s[2], h, Some(0.7))?;
+        assert_close(&to_vec(&half)?, &to_vec(&composed(&inputs)?)?, 1e-2);
+        // Self-attention: one tensor as q, k and v accumulates three gradients.
+        let x = rand_tensor(&[b, lq, h * d], 34, 1.0)?;
+        check_gradients(
+            |xs| multi_head_attention(&xs[0], &xs[0], &xs[0], h, None),
+            &[x],
+            GradCheck::default(),
+        )?;
+        assert!(multi_head_attention(&q, &k, &v, 5, None).is_err());
+        Ok(())
+    }
+
+    /// Outputs big enough for the tiled products and the kernels split over the pool.
+    #[test]
+    fn multi_head_attention_matches_composed_when_large() -> Result<()> {
+        let (b, h, lq, lk, d, dv) = (2, 2, 300, 77, 64, 64);
+        let inputs = [
+            rand_tensor(&[b, lq, h * d], 35, 1.0)?,
+            rand_tensor(&[b, lk, h * d], 36, 1.0)?,
+            rand_tensor(&[b, lk, h * dv], 37, 1.0)?,
+        ];
+        let fused = |xs: &[Tensor]| multi_head_attention(&xs[0], &xs[1], &xs[2], h, Some(0.7));
+        same_values_and_gradients(&fused, &composed_heads((b, h, lq, lk, d, dv)), &inputs)
+    }
+
+    type Op<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+    /// Splitting the heads, [`scaled_dot_product_attention`] (scale 0.7), merging them.
+    fn composed_heads(
+        (b, h, lq, lk, d, dv): (usize, usize, usize, usize, usize, usize),
+    ) -> impl Fn(&[Tensor]) -> Result<Tensor> {
+        move |xs: &[Tensor]| -> Result<Tensor> {
+            let split = |t: &Tensor, l: usize, w: usize| {
+                t.reshape((b, l, h, w))?.transpose(1, 2)?.contiguous()
+            };
+            let out = scaled_dot_product_attention(
+                &split(&xs[0], lq, d)?,
+                &split(&xs[1], lk, d)?,
+                &split(&xs[2], lk, dv)?,
+                None,
+                Some(0.7),
+            )?;
+            out.transpose(1, 2)?.reshape((b, lq, h * dv))
+        }
+    }
+
+    /// `f` equals `reference` in value and in the gradient of a random projection, to 1e-12.
+    fn same_values_and_gradients(f: Op, reference: Op, inputs: &[Tensor]) -> Result<()> {
+        assert_close(&to_vec(&f(inputs)?)?, &to_vec(&reference(inputs)?)?, 1e-12);
+        let proj = rand_tensor(f(inputs)?.dims(), 33, 1.0)?;
+        let grads_of = |g: Op| -> Result<Vec<Vec<f64>>> {
+            let vars: Vec<candle_core::Var> = inputs
+                .iter()
+                .map(candle_core::Var::from_tensor)
+                .collect::<Result<_>>()?;
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let grads = (g(&ts)? * &proj)?.sum_all()?.backward()?;
+            vars.iter()
+                .map(|v| to_vec(grads.get(v).expect("gradient")))
+                .collect()
+        };
+        for (ours, theirs) in grads_of(f)?.iter().zip(grads_of(reference)?.iter()) {
+            assert_close(ours, theirs, 1e-12);
+        }
         Ok(())
     }
 

@@ -152,7 +152,11 @@ const PAR_UNIT: usize = 16 * 1024;
 /// spread over candle's CPU worker pool (the pool its element-wise ops and [`crate::matmul`]
 /// use). Each part is zeroed by the thread that fills it: a serial zero-fill of the whole
 /// output had been 3% of a two-thread UNet training step.
-fn par_blocks<T: Real>(len: usize, block: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+pub(crate) fn par_blocks<T: Real>(
+    len: usize,
+    block: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
     par_blocks_at_least(len, block, 1, f)
 }
 
@@ -248,7 +252,7 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct SoftmaxLastDim;
 
-fn softmax_rows<T: Real>(x: &[T], d: usize) -> Vec<T> {
+pub(crate) fn softmax_rows<T: Real>(x: &[T], d: usize) -> Vec<T> {
     par_blocks(x.len(), d, |first, out| {
         let x = &x[first * d..][..out.len()];
         for (row, y) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
@@ -262,7 +266,7 @@ fn softmax_rows<T: Real>(x: &[T], d: usize) -> Vec<T> {
     })
 }
 
-fn softmax_grad_rows<T: Real>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
+pub(crate) fn softmax_grad_rows<T: Real>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
     par_blocks(y.len(), d, |first, out| {
         let (y, dy) = (&y[first * d..], &dy[first * d..]);
         for ((y, dy), dx) in y

@@ -16,7 +16,7 @@ pub mod upsample;
 #[cfg(test)]
 mod test_util;
 
-pub use attention::scaled_dot_product_attention;
+pub use attention::{multi_head_attention, scaled_dot_product_attention};
 pub use conv2d::{conv2d, Conv2d, Conv2dConfig};
 pub use conv3d::{conv3d, conv3d_forward, conv3d_no_bias, Conv3d, Conv3dConfig, TemporalPadding};
 pub use gradcheck::{assert_every_var_has_grad, check_gradients, GradCheck, GradReport};

@@ -64,11 +64,12 @@ fn product(a: &Tensor, b: &Tensor, op: MatMul) -> Result<Tensor> {
         } else {
             b.clone()
         };
-        return if flat {
-            a.broadcast_matmul(&b)
-        } else {
-            a.matmul(&b)
-        };
+        if !flat {
+            return a.matmul(&b);
+        }
+        let mut dims = ad.to_vec();
+        dims[r - 1] = b.dim(1)?;
+        return a.flatten_to(r - 2)?.matmul(&b)?.reshape(dims);
     }
     if flat {
         return a.contiguous()?.apply_op2(&b.contiguous()?, op);
@@ -115,7 +116,7 @@ pub(crate) struct View {
 
 impl View {
     /// The same matrices transposed.
-    fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -153,10 +154,16 @@ const TILE_EDGE: usize = 128;
 
 /// `out[e] = a[e] b[e]` for `batch` entries; `out` is contiguous (batch, m, n). No axis is
 /// empty ([`matmul`] leaves empty operands to candle).
-pub(crate) fn gemm_batched<T: Real>(
+pub(crate) fn gemm_batched<T: Real>(batch: usize, a: (&[T], View), b: (&[T], View)) -> Vec<T> {
+    gemm_batched_scaled(batch, a, b, T::ONE)
+}
+
+/// [`gemm_batched`] times `scale` (applied inside gemm, no extra pass).
+pub(crate) fn gemm_batched_scaled<T: Real>(
     batch: usize,
     (a, av): (&[T], View),
     (b, bv): (&[T], View),
+    scale: T,
 ) -> Vec<T> {
     let (m, k, n) = (av.rows, av.cols, bv.cols);
     let len = batch * m * n;
@@ -186,7 +193,7 @@ pub(crate) fn gemm_batched<T: Real>(
                 bv.cs as isize,
                 bv.rs as isize,
                 T::ZERO,
-                T::ONE,
+                scale,
                 false,
                 false,
                 false,
@@ -407,6 +414,11 @@ mod tests {
         close(&matmul_t(&a, &b)?, &a.matmul(&t(&b)?)?)?;
         close(&matmul_t(&a, &w)?, &a.broadcast_matmul(&t(&w)?)?)?;
         close(&matmul(&a, &v)?, &a.broadcast_matmul(&v)?)?;
+        // Other dtypes take candle's matmul, flattening the rows the same way.
+        let half = |x: &Tensor| x.to_dtype(DType::F16);
+        let h = matmul_t(&half(&a)?, &half(&w)?)?.to_dtype(DType::F64)?;
+        assert_eq!(h.dims(), &[2, 3, 5]);
+        assert_close(&to_vec(&h)?, &to_vec(&matmul_t(&a, &w)?)?, 1e-2);
         for (f, inputs) in [
             (
                 matmul_t as fn(&Tensor, &Tensor) -> Result<Tensor>,
