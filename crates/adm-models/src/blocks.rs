@@ -74,9 +74,8 @@ impl ResnetBlock2D {
         match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 // One value per (sample, channel), added over the plane.
-                let t = proj.forward(&adm_nn::silu(temb)?)?.flatten_all()?;
-                let (b, c, y, x) = h.dims4()?;
-                h = adm_nn::bias_add(&h.reshape((b * c, y * x))?, &t, 0)?.reshape((b, c, y, x))?;
+                let t = proj.forward(&adm_nn::silu(temb)?)?;
+                h = adm_nn::bias_add(&h, &t, 1)?;
             }
             (None, None) => {}
             (Some(_), None) => candle_core::bail!("ResnetBlock2D: needs a time embedding"),

@@ -973,12 +973,9 @@ struct BiasAdd {
     axis: usize,
 }
 
-/// (outer, n, inner) of a layout around `axis`.
-fn around(l: &Layout, axis: usize) -> (usize, usize, usize) {
-    let dims = l.dims();
-    let outer = dims[..axis].iter().product();
-    let inner = dims[axis + 1..].iter().product();
-    (outer, dims[axis], inner)
+/// The number of elements after `axis` of a layout.
+fn inner_size(l: &Layout, axis: usize) -> usize {
+    l.dims()[axis + 1..].iter().product()
 }
 
 fn bias_add_blocks<T: Real>(x: &[T], b: &[T], inner: usize) -> Vec<T> {
@@ -1036,7 +1033,7 @@ impl CustomOp2 for BiasAdd {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, _, inner) = around(xl, self.axis);
+        let inner = inner_size(xl, self.axis);
         let out = dispatch!(self.name(), [(xs, xl), (bs, bl)], |x, b| {
             bias_add_blocks(x, b, inner)
         });
@@ -1052,7 +1049,10 @@ impl CustomOp2 for BiasAdd {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let db = tracked(bias, || {
             grad.contiguous()?
-                .apply_op1_no_bwd(&BiasGrad { axis: self.axis })?
+                .apply_op1_no_bwd(&BiasGrad {
+                    axis: self.axis,
+                    n: bias.elem_count(),
+                })?
                 .reshape(bias.shape())
         })?;
         Ok((tracked(x, || Ok(grad.clone()))?, db))
@@ -1061,6 +1061,8 @@ impl CustomOp2 for BiasAdd {
 
 struct BiasGrad {
     axis: usize,
+    /// The bias's length: the size of `axis`, or of all axes up to it.
+    n: usize,
 }
 
 impl CustomOp1 for BiasGrad {
@@ -1069,7 +1071,7 @@ impl CustomOp1 for BiasGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, n, inner) = around(l, self.axis);
+        let (n, inner) = (self.n, inner_size(l, self.axis));
         let out = dispatch!(self.name(), [(s, l)], |g| bias_grad_blocks(g, n, inner));
         Ok((out, Shape::from(n)))
     }
@@ -1407,7 +1409,24 @@ mod tests {
                 |v| v[0].broadcast_add(&v[1].reshape(shape.as_slice())?),
                 &[x.clone(), b],
             )?;
+            // One bias element per index of the axes up to `axis` (through the public entry
+            // point, which accepts both lengths).
+            let leading = &x.dims()[..=axis];
+            let b = rand_tensor(&[leading.iter().product()], 20 + axis as u64, 1.0)?;
+            let mut shape = vec![1; 4];
+            shape[..=axis].copy_from_slice(leading);
+            check(
+                |v| crate::ops::bias_add(&v[0], &v[1], axis),
+                |v| v[0].broadcast_add(&v[1].reshape(shape.as_slice())?),
+                &[x.clone(), b],
+            )?;
         }
+        let wrong = rand_tensor(&[7], 30, 1.0)?;
+        let err = crate::ops::bias_add(&x, &wrong, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("7 elements") && err.contains("needs 3 (or 6"),
+            "{err}"
+        );
         Ok(())
     }
 

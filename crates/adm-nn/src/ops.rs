@@ -73,23 +73,30 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     (x.narrow(D::Minus1, 0, n)? * gate)?.to_dtype(dtype)
 }
 
-/// `x + bias` with `bias` (n elements) running along `axis` of `x` (of size n) and broadcast
-/// over the other axes: a linear layer's bias (the last axis), a convolution's (axis 1).
-/// Unlike `broadcast_add`, its CPU backward sums the bias gradient in one vectorised pass.
+/// `x + bias` with `bias` running along `axis` of `x` and broadcast over the axes after it,
+/// and either over the axes before it (`bias` has the size of `axis`: a linear layer's bias
+/// on the last axis, a convolution's on axis 1) or along them too (`bias` has one element
+/// per index of the axes up to `axis`: a per-sample, per-channel time embedding over a
+/// (B, C, H, W) map with `axis` 1). Unlike `broadcast_add`, its CPU backward sums the bias
+/// gradient in one vectorised pass.
 pub fn bias_add(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
+    let dims = x.dims();
     let n = x.dim(axis)?;
-    if bias.elem_count() != n {
+    let leading: usize = dims[..=axis].iter().product();
+    let mut shape = vec![1; x.rank()];
+    if bias.elem_count() == n {
+        shape[axis] = n;
+    } else if bias.elem_count() == leading {
+        shape[..=axis].copy_from_slice(&dims[..=axis]);
+    } else {
         candle_core::bail!(
-            "bias_add: bias has {} elements, axis {axis} of {:?} has {n}",
-            bias.elem_count(),
-            x.dims()
+            "bias_add: bias has {} elements; axis {axis} of {dims:?} needs {n} (or {leading}, one per index of the axes up to it)",
+            bias.elem_count()
         )
     }
     if crate::fused::applies(x) && bias.dtype() == x.dtype() && bias.device().is_cpu() {
         return crate::fused::bias_add(x, bias, axis);
     }
-    let mut shape = vec![1; x.rank()];
-    shape[axis] = n;
     x.broadcast_add(&bias.reshape(shape)?)
 }
 
