@@ -106,7 +106,7 @@ pub fn multi_head_attention(
             dv,
         },
         scale,
-        probs: Mutex::new(Vec::new()),
+        probs: Mutex::new(None),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -123,16 +123,18 @@ struct HeadDims {
 }
 
 impl HeadDims {
-    /// Head by head (the batch of a product), the (L, width) matrices of entry `b` of a
-    /// (B, L, H·width) tensor, or their transposes.
-    fn heads(&self, b: usize, l: usize, width: usize, transposed: bool) -> View {
+    /// The (L, width) matrix of every (sample, head) entry of a (B, L, H·width) tensor, or
+    /// their transposes.
+    fn heads(&self, l: usize, width: usize, transposed: bool) -> View {
         let v = View {
-            offset: b * l * self.h * width,
+            offset: 0,
             rows: l,
             cols: width,
             rs: self.h * width,
             cs: 1,
             bs: width,
+            group: self.h,
+            gs: l * self.h * width,
         };
         if transposed {
             v.t()
@@ -141,16 +143,9 @@ impl HeadDims {
         }
     }
 
-    /// The (H, Lq, Lk) scores or probabilities of one batch entry, or their transposes.
+    /// The (B·H, Lq, Lk) scores or probabilities, or their transposes.
     fn scores(&self, transposed: bool) -> View {
-        let v = View {
-            offset: 0,
-            rows: self.lq,
-            cols: self.lk,
-            rs: self.lk,
-            cs: 1,
-            bs: self.lq * self.lk,
-        };
+        let v = View::flat(0, (self.lq, self.lk), (self.lk, 1), self.lq * self.lk);
         if transposed {
             v.t()
         } else {
@@ -162,96 +157,76 @@ impl HeadDims {
 struct MultiHeadAttention {
     dims: HeadDims,
     scale: f64,
-    /// The softmax probabilities (H, Lq, Lk) of each batch entry in the forward, for the
-    /// backward.
-    probs: Mutex<Vec<CpuStorage>>,
+    /// The softmax probabilities (B·H, Lq, Lk) of the forward, for the backward.
+    probs: Mutex<Option<CpuStorage>>,
 }
 
-/// Per batch entry `e`, (H, L, W) head-major rows, as one (B, L, H·W) tensor.
-fn merge_heads<T: Real>(parts: &[Vec<T>], (h, l, w): (usize, usize, usize)) -> Vec<T> {
-    par_blocks(parts.len() * l * h * w, h * w, |first, out| {
+/// (B·H, L, W) head-major rows as one (B, L, H·W) tensor.
+fn merge_heads<T: Real>(x: &[T], (h, l, w): (usize, usize, usize)) -> Vec<T> {
+    par_blocks(x.len(), h * w, |first, out| {
         for (n, row) in out.chunks_exact_mut(h * w).enumerate() {
             let (e, i) = ((first + n) / l, (first + n) % l);
             for (head, dst) in row.chunks_exact_mut(w).enumerate() {
-                dst.copy_from_slice(&parts[e][(head * l + i) * w..][..w]);
+                dst.copy_from_slice(&x[((e * h + head) * l + i) * w..][..w]);
             }
         }
     })
 }
 
-/// Output (B, Lq, H·Dv) and each batch entry's probabilities (H, Lq, Lk).
+/// Output (B, Lq, H·Dv) and probabilities (B·H, Lq, Lk).
 fn attention_fwd<T: Real>(
     (q, k, v): (&[T], &[T], &[T]),
     dm: HeadDims,
     scale: T,
-) -> (Vec<T>, Vec<Vec<T>>) {
+) -> (Vec<T>, Vec<T>) {
     let HeadDims {
-        b,
-        lq,
-        lk,
-        h,
-        d,
-        dv,
+        lq, lk, h, d, dv, ..
     } = dm;
-    let mut outs = Vec::with_capacity(b);
-    let mut probs = Vec::with_capacity(b);
-    for e in 0..b {
-        let (qh, kt) = (dm.heads(e, lq, d, false), dm.heads(e, lk, d, true));
-        let p = softmax_rows(&gemm_batched_scaled(h, (q, qh), (k, kt), scale), lk);
-        outs.push(gemm_batched(
-            h,
-            (&p, dm.scores(false)),
-            (v, dm.heads(e, lk, dv, false)),
-        ));
-        probs.push(p);
-    }
-    (merge_heads(&outs, (h, lq, dv)), probs)
+    let entries = dm.b * h;
+    let (qh, kt) = (dm.heads(lq, d, false), dm.heads(lk, d, true));
+    let p = softmax_rows(&gemm_batched_scaled(entries, (q, qh), (k, kt), scale), lk);
+    let o = gemm_batched(
+        entries,
+        (&p, dm.scores(false)),
+        (v, dm.heads(lk, dv, false)),
+    );
+    (merge_heads(&o, (h, lq, dv)), p)
 }
 
 /// (dq, dk, dv) from the inputs, the forward's probabilities and the output gradient.
 fn attention_bwd<T: Real>(
     (q, k, v): (&[T], &[T], &[T]),
-    probs: &[&[T]],
+    p: &[T],
     dout: &[T],
     dm: HeadDims,
     scale: T,
 ) -> [Vec<T>; 3] {
     let HeadDims {
-        b,
-        lq,
-        lk,
-        h,
-        d,
-        dv,
+        lq, lk, h, d, dv, ..
     } = dm;
-    let [mut dq, mut dk, mut dvs] = [(); 3].map(|_| Vec::with_capacity(b));
-    for (e, p) in probs.iter().enumerate() {
-        let dout_heads = dm.heads(e, lq, dv, false);
-        // dV = Pᵀ dO
-        dvs.push(gemm_batched(h, (p, dm.scores(true)), (dout, dout_heads)));
-        // dS = softmax'(P; dO Vᵀ); dQ = scale dS K, dK = scale dSᵀ Q
-        let dp = gemm_batched(h, (dout, dout_heads), (v, dm.heads(e, lk, dv, true)));
-        let ds = softmax_grad_rows(p, &dp, lk);
-        let kh = dm.heads(e, lk, d, false);
-        dq.push(gemm_batched_scaled(
-            h,
-            (&ds, dm.scores(false)),
-            (k, kh),
-            scale,
-        ));
-        let qh = dm.heads(e, lq, d, false);
-        dk.push(gemm_batched_scaled(
-            h,
-            (&ds, dm.scores(true)),
-            (q, qh),
-            scale,
-        ));
-    }
-    debug_assert_eq!(dq.len(), b);
+    let entries = dm.b * h;
+    let dout_heads = dm.heads(lq, dv, false);
+    // dV = Pᵀ dO
+    let dvh = gemm_batched(entries, (p, dm.scores(true)), (dout, dout_heads));
+    // dS = softmax'(P; dO Vᵀ); dQ = scale dS K, dK = scale dSᵀ Q
+    let dp = gemm_batched(entries, (dout, dout_heads), (v, dm.heads(lk, dv, true)));
+    let ds = softmax_grad_rows(p, &dp, lk);
+    let dqh = gemm_batched_scaled(
+        entries,
+        (&ds, dm.scores(false)),
+        (k, dm.heads(lk, d, false)),
+        scale,
+    );
+    let dkh = gemm_batched_scaled(
+        entries,
+        (&ds, dm.scores(true)),
+        (q, dm.heads(lq, d, false)),
+        scale,
+    );
     [
-        merge_heads(&dq, (h, lq, d)),
-        merge_heads(&dk, (h, lk, d)),
-        merge_heads(&dvs, (h, lk, dv)),
+        merge_heads(&dqh, (h, lq, d)),
+        merge_heads(&dkh, (h, lk, d)),
+        merge_heads(&dvh, (h, lk, dv)),
     ]
 }
 
@@ -290,23 +265,17 @@ impl CustomOp3 for MultiHeadAttention {
             CpuStorage::F32(_) => {
                 let inputs = (elems(qs, ql)?, elems(ks, kl)?, elems(vs, vl)?);
                 let (o, p) = attention_fwd::<f32>(inputs, dm, self.scale as f32);
-                (
-                    CpuStorage::F32(o),
-                    p.into_iter().map(CpuStorage::F32).collect(),
-                )
+                (CpuStorage::F32(o), CpuStorage::F32(p))
             }
             CpuStorage::F64(_) => {
                 let inputs = (elems(qs, ql)?, elems(ks, kl)?, elems(vs, vl)?);
                 let (o, p) = attention_fwd::<f64>(inputs, dm, self.scale);
-                (
-                    CpuStorage::F64(o),
-                    p.into_iter().map(CpuStorage::F64).collect(),
-                )
+                (CpuStorage::F64(o), CpuStorage::F64(p))
             }
             other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
         };
         if let Ok(mut slot) = self.probs.lock() {
-            *slot = probs;
+            *slot = Some(probs);
         }
         Ok((out, Shape::from((dm.b, dm.lq, dm.h * dm.dv))))
     }
@@ -323,9 +292,9 @@ impl CustomOp3 for MultiHeadAttention {
             .probs
             .lock()
             .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", self.name())))?;
-        if probs.len() != self.dims.b {
+        let Some(probs) = probs.as_ref() else {
             candle_core::bail!("{}: backward before forward", self.name())
-        }
+        };
         let grad = grad.contiguous()?;
         let guards = [q, k, v, &grad].map(|t| t.storage_and_layout());
         let mut cpu = Vec::with_capacity(4);
@@ -339,14 +308,14 @@ impl CustomOp3 for MultiHeadAttention {
         let grads = match cpu[0].0 {
             CpuStorage::F32(_) => {
                 let x = |i: usize| elems::<f32>(cpu[i].0, cpu[i].1);
-                let p: Vec<&[f32]> = probs.iter().map(|p| p.as_slice()).collect::<Result<_>>()?;
-                let g = attention_bwd((x(0)?, x(1)?, x(2)?), &p, x(3)?, dm, self.scale as f32);
+                let p = probs.as_slice::<f32>()?;
+                let g = attention_bwd((x(0)?, x(1)?, x(2)?), p, x(3)?, dm, self.scale as f32);
                 shaped_like(g, [q, k, v])?
             }
             CpuStorage::F64(_) => {
                 let x = |i: usize| elems::<f64>(cpu[i].0, cpu[i].1);
-                let p: Vec<&[f64]> = probs.iter().map(|p| p.as_slice()).collect::<Result<_>>()?;
-                let g = attention_bwd((x(0)?, x(1)?, x(2)?), &p, x(3)?, dm, self.scale);
+                let p = probs.as_slice::<f64>()?;
+                let g = attention_bwd((x(0)?, x(1)?, x(2)?), p, x(3)?, dm, self.scale);
                 shaped_like(g, [q, k, v])?
             }
             other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),

@@ -739,14 +739,7 @@ fn conv_planes<T: Real>(
         unfolded = im2col_planes(x, (b, c_in), win);
         &unfolded
     };
-    let matrix = |rows, cols, bs| View {
-        offset: 0,
-        rows,
-        cols,
-        rs: cols,
-        cs: 1,
-        bs,
-    };
+    let matrix = |rows, cols, bs| View::flat(0, (rows, cols), (cols, 1), bs);
     gemm_batched(b, (w, matrix(c_out, k, 0)), (cols, matrix(k, l, k * l)))
 }
 
@@ -806,15 +799,67 @@ impl CustomOp1 for Col2Im {
 }
 
 // ---------------------------------------------------------------------------------------
+// Element-wise ops whose backward needs only the input and the output gradient.
+
+/// The two kernels of such an op (GEGLU, SiLU), made candle ops by [`Forward`] (with its
+/// backward) and [`Backward`] (the gradient, no autograd).
+trait Elementwise: Copy + Send + Sync + 'static {
+    const NAME: &'static str;
+    const GRAD_NAME: &'static str;
+    /// The output shape for a contiguous input laid out as `l`.
+    fn out_shape(l: &Layout) -> Shape;
+    fn forward<T: Real>(x: &[T], l: &Layout) -> Vec<T>;
+    /// The input gradient from the input and the output gradient.
+    fn backward<T: Real>(x: &[T], dy: &[T], l: &Layout) -> Vec<T>;
+}
+
+struct Forward<K>(K);
+struct Backward<K>(K);
+
+impl<K: Elementwise> CustomOp1 for Forward<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(K::NAME, [(s, l)], |x| K::forward(x, l));
+        Ok((out, K::out_shape(l)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &Backward(self.0),
+        )?))
+    }
+}
+
+impl<K: Elementwise> CustomOp2 for Backward<K> {
+    fn name(&self) -> &'static str {
+        K::GRAD_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch!(K::GRAD_NAME, [(xs, xl), (gs, gl)], |x, g| K::backward(
+            x, g, xl
+        ));
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // GEGLU.
 
 /// `a gelu(g)` for contiguous `x` = (..., [a | g]) with halves of size `n`: (..., n).
 pub(crate) fn geglu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Geglu)
+    x.contiguous()?.apply_op1(Forward(Geglu))
 }
-
-struct Geglu;
-struct GegluGrad;
 
 fn geglu_rows<T: Real>(x: &[T], n: usize) -> Vec<T> {
     par_blocks(x.len() / 2, n, |first, out| {
@@ -858,39 +903,23 @@ fn halves(l: &Layout) -> (usize, Shape) {
     (n, Shape::from(dims))
 }
 
-impl CustomOp1 for Geglu {
-    fn name(&self) -> &'static str {
-        "adm-geglu"
+#[derive(Clone, Copy)]
+struct Geglu;
+
+impl Elementwise for Geglu {
+    const NAME: &'static str = "adm-geglu";
+    const GRAD_NAME: &'static str = "adm-geglu-grad";
+
+    fn out_shape(l: &Layout) -> Shape {
+        halves(l).1
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, shape) = halves(l);
-        let out = dispatch!(self.name(), [(s, l)], |x| geglu_rows(x, n));
-        Ok((out, shape))
+    fn forward<T: Real>(x: &[T], l: &Layout) -> Vec<T> {
+        geglu_rows(x, halves(l).0)
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GegluGrad)?))
-    }
-}
-
-impl CustomOp2 for GegluGrad {
-    fn name(&self) -> &'static str {
-        "adm-geglu-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, _) = halves(xl);
-        let out = dispatch!(self.name(), [(xs, xl), (gs, gl)], |x, g| {
-            geglu_grad_rows(x, g, n)
-        });
-        Ok((out, xl.shape().clone()))
+    fn backward<T: Real>(x: &[T], dy: &[T], l: &Layout) -> Vec<T> {
+        geglu_grad_rows(x, dy, halves(l).0)
     }
 }
 
@@ -900,11 +929,8 @@ impl CustomOp2 for GegluGrad {
 /// `x σ(x)` of a CPU f32 / f64 tensor, one autograd node whose backward is one pass
 /// (candle's takes nine tensor ops).
 pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Silu)
+    x.contiguous()?.apply_op1(Forward(Silu))
 }
-
-struct Silu;
-struct SiluGrad;
 
 fn silu_elems<T: Real>(x: &[T]) -> Vec<T> {
     par_blocks(x.len(), 1, |first, out| {
@@ -925,37 +951,23 @@ fn silu_grad_elems<T: Real>(x: &[T], dy: &[T]) -> Vec<T> {
     })
 }
 
-impl CustomOp1 for Silu {
-    fn name(&self) -> &'static str {
-        "adm-silu"
+#[derive(Clone, Copy)]
+struct Silu;
+
+impl Elementwise for Silu {
+    const NAME: &'static str = "adm-silu";
+    const GRAD_NAME: &'static str = "adm-silu-grad";
+
+    fn out_shape(l: &Layout) -> Shape {
+        l.shape().clone()
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(self.name(), [(s, l)], |x| silu_elems(x));
-        Ok((out, l.shape().clone()))
+    fn forward<T: Real>(x: &[T], _l: &Layout) -> Vec<T> {
+        silu_elems(x)
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &SiluGrad)?))
-    }
-}
-
-impl CustomOp2 for SiluGrad {
-    fn name(&self) -> &'static str {
-        "adm-silu-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = dispatch!(self.name(), [(xs, xl), (gs, gl)], |x, g| {
-            silu_grad_elems(x, g)
-        });
-        Ok((out, xl.shape().clone()))
+    fn backward<T: Real>(x: &[T], dy: &[T], _l: &Layout) -> Vec<T> {
+        silu_grad_elems(x, dy)
     }
 }
 

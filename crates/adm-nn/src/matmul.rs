@@ -103,7 +103,10 @@ fn batch_stride(l: &Layout) -> Option<usize> {
     Some(batch.last().map_or(0, |&(_, s)| s))
 }
 
-/// A strided (batch of) matrices: element (i, j) of entry `e` at `e bs + i rs + j cs`.
+/// A strided batch of matrices: element (i, j) of entry `e` at `entry(e) + i rs + j cs`.
+/// Entries step by `bs` within groups of `group` and the groups step by `gs`: attention's
+/// (sample, head) entries of a (B, L, heads x D) tensor. One flat batch has `group` 1 and
+/// `gs` = `bs`.
 #[derive(Clone, Copy)]
 pub(crate) struct View {
     pub offset: usize,
@@ -112,9 +115,35 @@ pub(crate) struct View {
     pub rs: usize,
     pub cs: usize,
     pub bs: usize,
+    pub group: usize,
+    pub gs: usize,
 }
 
 impl View {
+    /// One flat batch of (rows, cols) matrices: entry `e` at `offset + e bs`.
+    pub(crate) fn flat(
+        offset: usize,
+        (rows, cols): (usize, usize),
+        (rs, cs): (usize, usize),
+        bs: usize,
+    ) -> Self {
+        Self {
+            offset,
+            rows,
+            cols,
+            rs,
+            cs,
+            bs,
+            group: 1,
+            gs: bs,
+        }
+    }
+
+    /// Where entry `e` starts.
+    fn entry(&self, e: usize) -> usize {
+        self.offset + e / self.group * self.gs + e % self.group * self.bs
+    }
+
     /// The same matrices transposed.
     pub(crate) fn t(self) -> Self {
         Self {
@@ -132,14 +161,12 @@ impl View {
         let Some(bs) = batch_stride(l) else {
             candle_core::bail!("matmul: batch axes of {d:?} with strides {s:?} do not collapse")
         };
-        Ok(Self {
-            offset: l.start_offset(),
-            rows: d[r - 2],
-            cols: d[r - 1],
-            rs: s[r - 2],
-            cs: s[r - 1],
+        Ok(Self::flat(
+            l.start_offset(),
+            (d[r - 2], d[r - 1]),
+            (s[r - 2], s[r - 1]),
             bs,
-        })
+        ))
     }
 }
 
@@ -186,10 +213,10 @@ pub(crate) fn gemm_batched_scaled<T: Real>(
                 1,
                 n as isize,
                 false,
-                a.add(av.offset + e * av.bs + r.start * av.rs),
+                a.add(av.entry(e) + r.start * av.rs),
                 av.cs as isize,
                 av.rs as isize,
-                b.add(bv.offset + e * bv.bs + c.start * bv.cs),
+                b.add(bv.entry(e) + c.start * bv.cs),
                 bv.cs as isize,
                 bv.rs as isize,
                 T::ZERO,
@@ -255,15 +282,8 @@ impl CustomOp2 for MatMul {
         let (batch, av) = if bl.dims().len() == 2 && d.len() > 2 {
             // All of (contiguous) a's rows against the one b.
             let k = d[d.len() - 1];
-            let av = View {
-                offset: al.start_offset(),
-                rows: al.shape().elem_count() / k,
-                cols: k,
-                rs: k,
-                cs: 1,
-                bs: 0,
-            };
-            (1, av)
+            let rows = al.shape().elem_count() / k;
+            (1, View::flat(al.start_offset(), (rows, k), (k, 1), 0))
         } else {
             (d[..d.len() - 2].iter().product(), View::of(al)?)
         };

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use adm_nn::ops::{group_norm, layer_norm};
-use adm_nn::{bias_add, conv2d, geglu, matmul, softmax, Conv2dConfig};
+use adm_nn::{bias_add, conv2d, geglu, matmul, multi_head_attention, silu, softmax, Conv2dConfig};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 const PROBE_OUT: &str = "ADM_THREAD_COUNT_PROBE_OUT";
@@ -38,13 +38,15 @@ fn probe() -> Result<Vec<u8>> {
     };
     let h = bias_add(&conv2d(x.as_tensor(), kernel.as_tensor(), cfg)?, &bias, 1)?;
     let h = group_norm(&h, 8, Some(&gamma), Some(&beta), 1e-5)?;
-    // (B, 576, 128) tokens through attention-like products, softmax, GEGLU, layer norm.
+    // (B, 576, 128) tokens through attention-like products, softmax, multi-head attention,
+    // SiLU, GEGLU, layer norm.
     let t = h.reshape((2, 576, 128))?;
     let scores = softmax(
         &matmul(&t, &t.transpose(1, 2)?)?.affine(1e-3, 0.0)?,
         D::Minus1,
     )?;
     let t = matmul(&scores, &t)?;
+    let t = multi_head_attention(&silu(&t)?, &t, &t, 2, None)?;
     let t = matmul(&t, &proj.as_tensor().t()?.broadcast_left(2)?)?;
     let t = geglu(&t.broadcast_add(&t.sin()?)?)?;
     let t = layer_norm(&t, Some(&ln), None, 1e-5)?;
