@@ -2,7 +2,7 @@
 //!
 //! `candle_nn::ops::sdpa` has no backward (and no CPU kernel) and `softmax_last_dim` drops the
 //! gradient (CANDLE_PITFALLS.md); this is the plain math path: two batched matmuls
-//! ([`crate::matmul`]) and [`crate::ops::softmax`]. [`multi_head_attention`] is the same
+//! ([`crate::matmul_t`], [`crate::matmul`]) and [`crate::ops::softmax`]. [`multi_head_attention`] is the same
 //! function on (B, L, heads x D) tensors as one autograd node.
 
 use std::sync::Mutex;

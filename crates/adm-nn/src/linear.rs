@@ -1,7 +1,7 @@
 //! A linear layer with the tensor names and initialisation of `candle_nn::Linear`. On the
-//! CPU its product runs on [`crate::matmul`] and its backward reduces the bias gradient in one
-//! vectorised pass ([`crate::ops::bias_add`]) instead of candle's strided sum over the
-//! broadcast axes.
+//! CPU its product runs on [`crate::matmul_t`] (the weight as stored, all leading axes of the
+//! input as rows) and its backward reduces the bias gradient in one vectorised pass
+//! ([`crate::ops::bias_add`]) instead of candle's strided sum over the broadcast axes.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
