@@ -7,10 +7,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
 
-use crate::fused::{par_blocks, softmax_grad_rows, softmax_rows, Real};
+use crate::fused::{par_blocks, slice, softmax_grad_rows, softmax_rows, Real, Slice};
 use crate::matmul::{gemm_batched, gemm_batched_scaled, View};
 
 /// `softmax(q kᵀ · scale + mask) v` for `q` (B, H, Lq, D), `k` (B, H, Lk, D), `v` (B, H, Lk, Dv);
@@ -232,18 +231,11 @@ fn attention_bwd<T: Real>(
 
 /// Gradients as tensors of the shapes of their inputs.
 fn shaped_like<T: candle_core::WithDType>(
-    g: [Vec<T>; 3],
-    like: [&Tensor; 3],
-) -> Result<Vec<Tensor>> {
-    g.into_iter()
-        .zip(like)
-        .map(|(g, t)| Tensor::from_vec(g, t.shape(), t.device()))
-        .collect()
-}
-
-/// The contiguous elements of a CPU storage from its layout's offset.
-fn elems<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    Ok(&s.as_slice::<T>()?[l.start_offset()..][..l.shape().elem_count()])
+    [dq, dk, dv]: [Vec<T>; 3],
+    [q, k, v]: [&Tensor; 3],
+) -> Result<[Tensor; 3]> {
+    let tensor = |g: Vec<T>, t: &Tensor| Tensor::from_vec(g, t.shape(), t.device());
+    Ok([tensor(dq, q)?, tensor(dk, k)?, tensor(dv, v)?])
 }
 
 impl CustomOp3 for MultiHeadAttention {
@@ -260,19 +252,21 @@ impl CustomOp3 for MultiHeadAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dm = self.dims;
-        let (out, probs) = match qs {
-            CpuStorage::F32(_) => {
-                let inputs = (elems(qs, ql)?, elems(ks, kl)?, elems(vs, vl)?);
-                let (o, p) = attention_fwd::<f32>(inputs, dm, self.scale as f32);
+        let (dm, name) = (self.dims, self.name());
+        let (out, probs) = match (
+            slice(name, qs, ql)?,
+            slice(name, ks, kl)?,
+            slice(name, vs, vl)?,
+        ) {
+            (Slice::F32(q), Slice::F32(k), Slice::F32(v)) => {
+                let (o, p) = attention_fwd((q, k, v), dm, self.scale as f32);
                 (CpuStorage::F32(o), CpuStorage::F32(p))
             }
-            CpuStorage::F64(_) => {
-                let inputs = (elems(qs, ql)?, elems(ks, kl)?, elems(vs, vl)?);
-                let (o, p) = attention_fwd::<f64>(inputs, dm, self.scale);
+            (Slice::F64(q), Slice::F64(k), Slice::F64(v)) => {
+                let (o, p) = attention_fwd((q, k, v), dm, self.scale);
                 (CpuStorage::F64(o), CpuStorage::F64(p))
             }
-            other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
+            _ => candle_core::bail!("{name}: operands of different dtypes"),
         };
         if let Ok(mut slot) = self.probs.lock() {
             *slot = Some(probs);
@@ -288,41 +282,33 @@ impl CustomOp3 for MultiHeadAttention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
         let probs = self
             .probs
             .lock()
-            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", self.name())))?;
+            .map_err(|_| candle_core::Error::Msg(format!("{name}: poisoned lock")))?;
         let Some(probs) = probs.as_ref() else {
-            candle_core::bail!("{}: backward before forward", self.name())
+            candle_core::bail!("{name}: backward before forward")
         };
         let grad = grad.contiguous()?;
         let guards = [q, k, v, &grad].map(|t| t.storage_and_layout());
-        let mut cpu = Vec::with_capacity(4);
+        let mut operands = Vec::with_capacity(4);
         for (storage, layout) in &guards {
             let Storage::Cpu(s) = &**storage else {
-                candle_core::bail!("{}: expected CPU tensors", self.name())
+                candle_core::bail!("{name}: expected CPU tensors")
             };
-            cpu.push((s, *layout));
+            operands.push(slice(name, s, layout)?);
         }
-        let dm = self.dims;
-        let grads = match cpu[0].0 {
-            CpuStorage::F32(_) => {
-                let x = |i: usize| elems::<f32>(cpu[i].0, cpu[i].1);
-                let p = probs.as_slice::<f32>()?;
-                let g = attention_bwd((x(0)?, x(1)?, x(2)?), p, x(3)?, dm, self.scale as f32);
-                shaped_like(g, [q, k, v])?
+        let (dm, like) = (self.dims, [q, k, v]);
+        let [dq, dk, dv] = match (&operands[..], probs) {
+            ([Slice::F32(q), Slice::F32(k), Slice::F32(v), Slice::F32(g)], CpuStorage::F32(p)) => {
+                shaped_like(attention_bwd((q, k, v), p, g, dm, self.scale as f32), like)?
             }
-            CpuStorage::F64(_) => {
-                let x = |i: usize| elems::<f64>(cpu[i].0, cpu[i].1);
-                let p = probs.as_slice::<f64>()?;
-                let g = attention_bwd((x(0)?, x(1)?, x(2)?), p, x(3)?, dm, self.scale);
-                shaped_like(g, [q, k, v])?
+            ([Slice::F64(q), Slice::F64(k), Slice::F64(v), Slice::F64(g)], CpuStorage::F64(p)) => {
+                shaped_like(attention_bwd((q, k, v), p, g, dm, self.scale), like)?
             }
-            other => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), other.dtype()),
+            _ => candle_core::bail!("{name}: operands of different dtypes"),
         };
-        let [dq, dk, dv]: [Tensor; 3] = grads
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("three gradients".into()))?;
         let keep = |t: &Tensor, g: Tensor| t.track_op().then_some(g);
         Ok((keep(q, dq), keep(k, dk), keep(v, dv)))
     }

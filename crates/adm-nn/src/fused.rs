@@ -205,12 +205,12 @@ fn moments<T: Real>(xs: &[T], eps: T) -> (T, T) {
 }
 
 /// The contiguous elements of an f32 / f64 storage, as a typed slice.
-enum Slice<'a> {
+pub(crate) enum Slice<'a> {
     F32(&'a [f32]),
     F64(&'a [f64]),
 }
 
-fn slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Slice<'a>> {
+pub(crate) fn slice<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Slice<'a>> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("{op}: the operand must be contiguous")
     };

@@ -20,8 +20,8 @@ use crate::fused::{tracked, Real};
 
 /// `a @ b` over the last two axes, batched over the leading ones (which must match), as
 /// `Tensor::matmul`; a 2-D `b` under an `a` with more axes multiplies all of `a`'s rows (as
-/// `broadcast_matmul`, but one product and no reshape nodes). CPU f32 / f64 products run on candle's worker pool; anything else is
-/// candle's matmul.
+/// `broadcast_matmul`, but one product and no reshape nodes). CPU f32 / f64 products run on
+/// candle's worker pool; anything else is candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     product(
         a,
@@ -46,11 +46,16 @@ pub fn matmul_t(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// Whether a product of operands of these ranks takes all rows of a batched `a` against one
+/// 2-D `b`.
+fn rows_against_one(a_rank: usize, b_rank: usize) -> bool {
+    b_rank == 2 && a_rank > 2
+}
+
 fn product(a: &Tensor, b: &Tensor, op: MatMul) -> Result<Tensor> {
     let (ad, bd) = (a.dims(), b.dims());
     let (r, rb) = (ad.len(), bd.len());
-    // A 2-D `b` under a batched `a` multiplies all of `a`'s rows at once.
-    let flat = rb == 2 && r > 2;
+    let flat = rows_against_one(r, rb);
     let fits = r >= 2
         && rb >= 2
         && ad[r - 1] == bd[if op.rhs_transposed { rb - 1 } else { rb - 2 }]
@@ -279,8 +284,8 @@ impl CustomOp2 for MatMul {
             bv = bv.t();
         }
         let d = al.dims();
-        let (batch, av) = if bl.dims().len() == 2 && d.len() > 2 {
-            // All of (contiguous) a's rows against the one b.
+        let (batch, av) = if rows_against_one(d.len(), bl.dims().len()) {
+            // All of (contiguous, see `product`) a's rows against the one b.
             let k = d[d.len() - 1];
             let rows = al.shape().elem_count() / k;
             (1, View::flat(al.start_offset(), (rows, k), (k, 1), 0))
@@ -314,7 +319,7 @@ impl CustomOp2 for MatMul {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (ad, bd, dc) = (a.detach(), b.detach(), dc.detach());
         // For a 2-D b under a batched a, b's gradient sums over all rows of a.
-        let (a_rows, dc_rows) = if b.rank() == 2 && a.rank() > 2 {
+        let (a_rows, dc_rows) = if rows_against_one(a.rank(), b.rank()) {
             let rows = a.elem_count() / a.dim(D::Minus1)?;
             (ad.reshape((rows, ()))?, dc.reshape((rows, ()))?)
         } else {
