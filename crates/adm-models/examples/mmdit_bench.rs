@@ -85,7 +85,7 @@ fn main() -> Result<()> {
         })?;
         let (bwd, n_bwd) = bench_util::median_ms(|| {
             let out = trainable.forward(&x, &t, &context, &pooled)?;
-            let grads = out.sum_all()?.backward()?;
+            let grads = adm_nn::backward(&out.sum_all()?)?;
             for (name, var) in &vars {
                 if grads.get(var).is_none() && !no_gradient.contains(name) {
                     candle_core::bail!("no gradient for {name}");

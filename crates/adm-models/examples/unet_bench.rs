@@ -95,7 +95,7 @@ fn main() -> Result<()> {
         })?;
         let (bwd, n_bwd) = bench_util::median_ms(|| {
             let out = trainable.forward(&sample, &t, &context, added)?;
-            let grads = out.sum_all()?.backward()?;
+            let grads = adm_nn::backward(&out.sum_all()?)?;
             // Every weight got its gradient.
             for var in seeded.varmap().all_vars() {
                 if grads.get(&var).is_none() {

@@ -560,18 +560,25 @@ impl CustomOp3 for Norm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormGrad(*self))?;
         let (n, p) = (x.elem_count(), w.elem_count());
-        let part = |t: &Tensor, start: usize, len: usize| {
-            tracked(t, || all.narrow(0, start, len)?.reshape(t.shape()))
-        };
-        Ok((part(x, 0, n)?, part(w, n, p)?, part(b, n + p, p)?))
+        let part =
+            |t: &Tensor, start: usize, len: usize| all.narrow(0, start, len)?.reshape(t.shape());
+        // The parameters' parts are copied out: a handed-over view would keep the input-sized
+        // buffer alive until the optimizer step.
+        let param = |t: &Tensor, start: usize| tracked(t, || part(t, start, p)?.copy());
+        Ok((
+            tracked(x, || part(x, 0, n))?,
+            param(w, n)?,
+            param(b, n + p)?,
+        ))
     }
 }
 
 /// `grad()` for an operand that takes part in autograd, `None` for a constant (candle would
-/// otherwise store a gradient for a frozen tensor, and compute it for nothing).
+/// otherwise store a gradient for a frozen tensor, and compute it for nothing) and for a Var
+/// whose gradient [`crate::backward`] took over.
 pub(crate) fn tracked(t: &Tensor, grad: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
     if t.track_op() {
-        grad().map(Some)
+        crate::backward::hand_over(t, grad()?)
     } else {
         Ok(None)
     }
@@ -696,8 +703,15 @@ fn col2im_planes<T: Real>(cols: &[T], (b, c): (usize, usize), win: Windows) -> V
             win.for_each_row(|k, oy, iy, ix0, cols| {
                 let row = &src[k * l + oy * wo..][cols];
                 let target = &mut dst[iy * win.w + ix0..];
-                for (j, &v) in row.iter().enumerate() {
-                    target[j * win.stride] += v;
+                if win.stride == 1 {
+                    // Unit stride as its own loop: the compiler vectorises it.
+                    for (t, &v) in target[..row.len()].iter_mut().zip(row) {
+                        *t += v;
+                    }
+                } else {
+                    for (j, &v) in row.iter().enumerate() {
+                        target[j * win.stride] += v;
+                    }
                 }
             });
         }

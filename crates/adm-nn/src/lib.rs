@@ -2,6 +2,7 @@
 //! against finite differences, and the gradient-check harness that checks them.
 
 pub mod attention;
+mod backward;
 pub mod conv2d;
 pub mod conv3d;
 mod fused;
@@ -17,6 +18,7 @@ pub mod upsample;
 mod test_util;
 
 pub use attention::{multi_head_attention, scaled_dot_product_attention};
+pub use backward::backward;
 pub use conv2d::{conv2d, Conv2d, Conv2dConfig};
 pub use conv3d::{conv3d, conv3d_forward, conv3d_no_bias, Conv3d, Conv3dConfig, TemporalPadding};
 pub use gradcheck::{assert_every_var_has_grad, check_gradients, GradCheck, GradReport};

@@ -51,7 +51,7 @@ fn probe() -> Result<Vec<u8>> {
     let t = geglu(&t.broadcast_add(&t.sin()?)?)?;
     let t = layer_norm(&t, Some(&ln), None, 1e-5)?;
     let loss = (t.sqr()?.mean_all()? + h.mean_all()?)?;
-    let grads = loss.backward()?;
+    let grads = adm_nn::backward(&loss)?;
     let mut bytes = Vec::new();
     let mut push = |t: &Tensor| -> Result<()> {
         for v in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {

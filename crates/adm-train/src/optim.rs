@@ -163,7 +163,7 @@ impl Optimizer {
         if !value.is_finite() {
             return Ok(());
         }
-        let grads = loss.backward()?;
+        let grads = adm_nn::backward(loss)?;
         for (param, slot) in self.params.iter().zip(self.pending.iter_mut()) {
             if let Some(g) = grads.get(param.var.as_tensor()) {
                 let g = if scale == 1.0 {
