@@ -68,9 +68,7 @@ impl ResnetBlock2D {
 
     /// `temb` is required exactly when the block was built with `temb_channels`.
     pub(crate) fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self
-            .conv1
-            .forward(&adm_nn::silu(&self.norm1.forward(xs)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 // One value per (sample, channel), added over the plane.
@@ -81,9 +79,7 @@ impl ResnetBlock2D {
             (Some(_), None) => candle_core::bail!("ResnetBlock2D: needs a time embedding"),
             (None, Some(_)) => candle_core::bail!("ResnetBlock2D: has no time_emb_proj"),
         }
-        let h = self
-            .conv2
-            .forward(&adm_nn::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),

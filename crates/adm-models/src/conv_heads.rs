@@ -206,7 +206,7 @@ impl Module for ConvHead {
                     features.dims()
                 );
             }
-            h = adm_nn::silu(&norm.forward(&conv.forward(&h)?)?)?;
+            h = norm.forward_silu(&conv.forward(&h)?)?;
         }
         let logits = self.to_logits.forward(&h)?;
         logits.flatten_from(1)?.mean(1)

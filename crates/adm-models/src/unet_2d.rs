@@ -1368,7 +1368,7 @@ impl UNet2DConditionModel {
                 return Ok(None);
             }
         }
-        let h = adm_nn::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         Ok(Some(self.conv_out.forward(&h)?))
     }
 }

@@ -401,7 +401,7 @@ impl Module for Encoder {
             h = block.forward(&h)?;
         }
         let h = self.mid_block.forward(&h)?;
-        let h = adm_nn::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }
@@ -460,7 +460,7 @@ impl Module for Decoder {
         for block in &self.up_blocks {
             h = block.forward(&h)?;
         }
-        let h = adm_nn::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

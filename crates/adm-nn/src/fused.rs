@@ -167,33 +167,68 @@ fn par_blocks_at_least<T: Real>(
     min_blocks: usize,
     f: impl Fn(usize, &mut [T]) + Sync,
 ) -> Vec<T> {
+    let no_side = Side {
+        per_block: 0,
+        spare: 0,
+    };
+    par_blocks_with_side(len, block, min_blocks, no_side, |first, part, _| {
+        f(first, part)
+    })
+    .0
+}
+
+/// What [`par_blocks_with_side`] makes besides the blocks.
+#[derive(Clone, Copy)]
+struct Side {
+    /// Elements of the second vector per block.
+    per_block: usize,
+    /// Room left in the first vector for this many more elements (appended without moving).
+    spare: usize,
+}
+
+/// [`par_blocks_at_least`] where each block also fills `side.per_block` elements (zeroed) of
+/// a second vector: `f(first_block, part, side_part)`, for per-block partial results that
+/// the caller then reduces in block order.
+fn par_blocks_with_side<T: Real>(
+    len: usize,
+    block: usize,
+    min_blocks: usize,
+    side: Side,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
+) -> (Vec<T>, Vec<T>) {
     let blocks = len / block.max(1);
+    let mut sides = vec![T::ZERO; blocks * side.per_block];
+    let mut out: Vec<T> = Vec::with_capacity(len + side.spare);
     if len < PAR_MIN || blocks < 2 || blocks * block != len {
-        let mut out = vec![T::ZERO; len];
-        f(0, &mut out);
-        return out;
+        out.resize(len, T::ZERO);
+        f(0, &mut out, &mut sides);
+        return (out, sides);
     }
     let per_unit = PAR_UNIT.div_ceil(block).max(min_blocks);
-    let mut out: Vec<T> = Vec::with_capacity(len);
-    let ptr = out.as_mut_ptr() as usize;
+    let (ptr, side_ptr) = (out.as_mut_ptr() as usize, sides.as_mut_ptr() as usize);
     candle_core::utils::barrier_pool().execute_chunked(blocks.div_ceil(per_unit), |units| {
         for unit in units {
             let first = unit * per_unit;
-            let n = (blocks.min(first + per_unit) - first) * block;
-            // SAFETY: units cover disjoint ranges of blocks inside the allocation, which
-            // outlives the pool call; each range is initialised (all-zero bytes are 0.0 in
-            // f32 and f64) before it is borrowed.
-            let part = unsafe {
+            let count = blocks.min(first + per_unit) - first;
+            let n = count * block;
+            // SAFETY: units cover disjoint ranges of blocks inside both allocations, which
+            // outlive the pool call; each range of `out` is initialised (all-zero bytes are
+            // 0.0 in f32 and f64) before it is borrowed, `sides` was made zeroed.
+            let (part, side_part) = unsafe {
                 let start = (ptr as *mut T).add(first * block);
                 std::ptr::write_bytes(start, 0, n);
-                std::slice::from_raw_parts_mut(start, n)
+                let side_start = (side_ptr as *mut T).add(first * side.per_block);
+                (
+                    std::slice::from_raw_parts_mut(start, n),
+                    std::slice::from_raw_parts_mut(side_start, count * side.per_block),
+                )
             };
-            f(first, part);
+            f(first, part, side_part);
         }
     });
     // SAFETY: the units covered all `blocks` blocks, `blocks * block == len` elements.
     unsafe { out.set_len(len) };
-    out
+    (out, sides)
 }
 
 /// Mean and `1 / sqrt(var + eps)` (biased variance, two passes).
@@ -355,7 +390,8 @@ fn runs<T>(block: &[T], shape: NormShape, group: usize) -> impl Iterator<Item = 
         .map(move |(i, r)| (first + i, r))
 }
 
-fn norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], shape: NormShape, eps: T) -> Vec<T> {
+fn norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], norm: Norm) -> Vec<T> {
+    let (shape, eps) = (norm.shape, T::from_f64(norm.eps));
     let n = shape.group_len();
     par_blocks(x.len(), n, |first, out| {
         let x = &x[first * n..];
@@ -375,61 +411,117 @@ fn norm_fwd<T: Real>(x: &[T], w: &[T], b: &[T], shape: NormShape, eps: T) -> Vec
                     }
                 }
             }
+            if norm.silu {
+                for y in ys {
+                    *y = silu_of(*y);
+                }
+            }
         }
     })
 }
 
-/// The gradients `[dx | dw | db]` in one buffer.
-fn norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], shape: NormShape, eps: T) -> Vec<T> {
+/// The gradients `[dx | dw | db]` in one buffer, from `wb = [w | b]`.
+fn norm_bwd<T: Real>(x: &[T], wb: &[T], dy: &[T], norm: Norm) -> Vec<T> {
+    if norm.shape.along_last {
+        layer_norm_bwd(x, wb, dy, norm)
+    } else {
+        group_norm_bwd(x, wb, dy, norm)
+    }
+}
+
+/// The input gradient's coefficients for a block from `Σ g w` and `Σ g w x̂`:
+/// `dx = r (g w - a - x̂ bm) = r g w - r (a - mean r bm) - x r² bm`, as `(shift, x_coef)`.
+fn dx_coefficients<T: Real>((g_sum, gx_sum): (T, T), inv_n: T, (mean, r): (T, T)) -> (T, T) {
+    let (a, bm) = (g_sum * inv_n, gx_sum * inv_n);
+    (-(r * (a - mean * r * bm)), -(r * r * bm))
+}
+
+/// Layer norm: `dw`, `db` sum over every row, in row order.
+fn layer_norm_bwd<T: Real>(x: &[T], wb: &[T], dy: &[T], norm: Norm) -> Vec<T> {
+    let (shape, eps) = (norm.shape, T::from_f64(norm.eps));
+    let (w, b) = wb.split_at(wb.len() / 2);
     let params = w.len();
     let mut out = vec![T::ZERO; x.len() + 2 * params];
     let (dx, rest) = out.split_at_mut(x.len());
     let (dw, db) = rest.split_at_mut(params);
     let n = shape.group_len();
     let inv_n = T::ONE / T::from_usize(n);
-    for (k, ((xs, gs), dxs)) in x
+    let mut pre_grad = vec![T::ZERO; if norm.silu { n } else { 0 }];
+    for ((xs, gs), dxs) in x
         .chunks_exact(n)
         .zip(dy.chunks_exact(n))
         .zip(dx.chunks_exact_mut(n))
-        .enumerate()
     {
         let (mean, r) = moments(xs, eps);
-        let group = k % shape.groups;
-        // Σ dy w and Σ dy w x̂ over the block; dw, db accumulate per parameter.
-        let (mut g_sum, mut gx_sum) = (T::ZERO, T::ZERO);
-        if shape.along_last {
-            for ((&v, &g), (&w, (dw, db))) in xs
-                .iter()
-                .zip(gs)
-                .zip(w.iter().zip(dw.iter_mut().zip(db.iter_mut())))
-            {
-                let xhat = (v - mean) * r;
-                g_sum += g * w;
-                gx_sum += g * w * xhat;
-                *dw += g * xhat;
-                *db += g;
-            }
+        let gs = if norm.silu {
+            silu_grad_at_norm(&mut pre_grad, (xs, gs), (w, b), (mean, r), shape, 0);
+            &pre_grad
         } else {
+            gs
+        };
+        let (mut g_sum, mut gx_sum) = (T::ZERO, T::ZERO);
+        for ((&v, &g), (&w, (dw, db))) in xs
+            .iter()
+            .zip(gs)
+            .zip(w.iter().zip(dw.iter_mut().zip(db.iter_mut())))
+        {
+            let xhat = (v - mean) * r;
+            g_sum += g * w;
+            gx_sum += g * w * xhat;
+            *dw += g * xhat;
+            *db += g;
+        }
+        let (shift, x_coef) = dx_coefficients((g_sum, gx_sum), inv_n, (mean, r));
+        for (((dx, &v), &g), &w) in dxs.iter_mut().zip(xs).zip(gs).zip(w) {
+            *dx = r * g * w + x_coef * v + shift;
+        }
+    }
+    out
+}
+
+/// Group norm: the (sample, group) blocks on the pool, each leaving its per-channel `dw`, `db`
+/// terms, summed afterwards in block order (the same sums whatever the thread count).
+fn group_norm_bwd<T: Real>(x: &[T], wb: &[T], dy: &[T], norm: Norm) -> Vec<T> {
+    let (shape, eps) = (norm.shape, T::from_f64(norm.eps));
+    let (w, b) = wb.split_at(wb.len() / 2);
+    let params = w.len();
+    let per_group = shape.channels / shape.groups;
+    let n = shape.group_len();
+    let inv_n = T::ONE / T::from_usize(n);
+    let side = Side {
+        per_block: 2 * per_group,
+        spare: 2 * params,
+    };
+    let (mut out, terms) = par_blocks_with_side(x.len(), n, 1, side, |first, dx, terms| {
+        let mut pre_grad = vec![T::ZERO; if norm.silu { n } else { 0 }];
+        let blocks = dx
+            .chunks_exact_mut(n)
+            .zip(terms.chunks_exact_mut(2 * per_group));
+        for (j, (dxs, terms)) in blocks.enumerate() {
+            let k = first + j;
+            let (xs, gs) = (&x[k * n..][..n], &dy[k * n..][..n]);
+            let (mean, r) = moments(xs, eps);
+            let group = k % shape.groups;
+            let gs = if norm.silu {
+                silu_grad_at_norm(&mut pre_grad, (xs, gs), (w, b), (mean, r), shape, group);
+                &pre_grad
+            } else {
+                gs
+            };
+            // Σ dy w and Σ dy w x̂ over the block; each channel's dw, db terms.
+            let (mut g_sum, mut gx_sum) = (T::ZERO, T::ZERO);
+            let (dw, db) = terms.split_at_mut(per_group);
             for ((c, xr), gr) in runs(xs, shape, group).zip(gs.chunks_exact(shape.spatial)) {
                 let s_g = sum(gr);
                 let s_gx = sum_zip(xr, gr, |v, g| v * g);
                 // Σ g x̂ = r (Σ g x - mean Σ g).
                 let s_gxhat = r * (s_gx - mean * s_g);
-                dw[c] += s_gxhat;
-                db[c] += s_g;
+                let i = c - group * per_group;
+                (dw[i], db[i]) = (s_gxhat, s_g);
                 g_sum += s_g * w[c];
                 gx_sum += s_gxhat * w[c];
             }
-        }
-        let (a, bm) = (g_sum * inv_n, gx_sum * inv_n);
-        // dx = r (g w - a - x̂ bm) = r g w - r (a - mean r bm) - x r² bm.
-        let shift = -(r * (a - mean * r * bm));
-        let x_coef = -(r * r * bm);
-        if shape.along_last {
-            for (((dx, &v), &g), &w) in dxs.iter_mut().zip(xs).zip(gs).zip(w) {
-                *dx = r * g * w + x_coef * v + shift;
-            }
-        } else {
+            let (shift, x_coef) = dx_coefficients((g_sum, gx_sum), inv_n, (mean, r));
             for (((c, xr), gr), dxr) in runs(xs, shape, group)
                 .zip(gs.chunks_exact(shape.spatial))
                 .zip(dxs.chunks_exact_mut(shape.spatial))
@@ -440,15 +532,62 @@ fn norm_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], shape: NormShape, eps: T) -> Ve
                 }
             }
         }
+    });
+    let (mut dw, mut db) = (vec![T::ZERO; params], vec![T::ZERO; params]);
+    for (k, terms) in terms.chunks_exact(2 * per_group).enumerate() {
+        let first = (k % shape.groups) * per_group;
+        let (tw, tb) = terms.split_at(per_group);
+        for (i, (&tw, &tb)) in tw.iter().zip(tb).enumerate() {
+            dw[first + i] += tw;
+            db[first + i] += tb;
+        }
     }
+    out.extend_from_slice(&dw);
+    out.extend_from_slice(&db);
     out
 }
 
+/// For a block of the input `xs` and its output gradient `gs` under SiLU: the gradient at the
+/// normalised output `h` (before SiLU), recomputed exactly as the forward computes it.
+fn silu_grad_at_norm<T: Real>(
+    out: &mut [T],
+    (xs, gs): (&[T], &[T]),
+    (w, b): (&[T], &[T]),
+    (mean, r): (T, T),
+    shape: NormShape,
+    group: usize,
+) {
+    if shape.along_last {
+        for (((o, &v), &g), (&w, &b)) in out.iter_mut().zip(xs).zip(gs).zip(w.iter().zip(b)) {
+            *o = silu_grad_of((v - mean) * r * w + b, g);
+        }
+    } else {
+        let planes = out.chunks_exact_mut(shape.spatial);
+        for (((c, xr), gr), or) in runs(xs, shape, group)
+            .zip(gs.chunks_exact(shape.spatial))
+            .zip(planes)
+        {
+            let (scale, shift) = (r * w[c], b[c] - mean * r * w[c]);
+            for ((o, &v), &g) in or.iter_mut().zip(xr).zip(gr) {
+                *o = silu_grad_of(v * scale + shift, g);
+            }
+        }
+    }
+}
+
 /// Normalises contiguous `x` and applies `w`, `b` (one value per channel; for layer norm per
-/// element of the last dimension).
-fn normalize(x: &Tensor, w: &Tensor, b: &Tensor, shape: NormShape, eps: f64) -> Result<Tensor> {
+/// element of the last dimension), then SiLU if `silu`.
+fn normalize(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    shape: NormShape,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let norm = Norm { shape, eps, silu };
     x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, Norm { shape, eps })
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, norm)
 }
 
 /// Layer norm over the last dimension; `weight` / `bias` of its size, or none.
@@ -465,17 +604,18 @@ pub(crate) fn layer_norm(
         groups: 1,
         along_last: true,
     };
-    affine_norm(x, weight, bias, d, shape, eps)
+    affine_norm(x, (weight, bias), d, shape, eps, false)
 }
 
 /// Group norm of (B, C, ...) over `groups` groups of channels, with per-channel `weight` /
-/// `bias` or none.
+/// `bias` or none, then SiLU if `silu` (in the same node: the backward recomputes the
+/// normalised values instead of keeping them).
 pub(crate) fn group_norm(
     x: &Tensor,
     groups: usize,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
+    (weight, bias): (Option<&Tensor>, Option<&Tensor>),
     eps: f64,
+    silu: bool,
 ) -> Result<Tensor> {
     let (batch, channels) = (x.dim(0)?, x.dim(1)?);
     let shape = NormShape {
@@ -484,16 +624,16 @@ pub(crate) fn group_norm(
         groups,
         along_last: false,
     };
-    affine_norm(x, weight, bias, channels, shape, eps)
+    affine_norm(x, (weight, bias), channels, shape, eps, silu)
 }
 
 fn affine_norm(
     x: &Tensor,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
+    (weight, bias): (Option<&Tensor>, Option<&Tensor>),
     params: usize,
     shape: NormShape,
     eps: f64,
+    silu: bool,
 ) -> Result<Tensor> {
     // Absent parameters are the identity: constant ones and zeros, which get no gradient.
     let ones;
@@ -520,13 +660,15 @@ fn affine_norm(
             )
         }
     }
-    normalize(x, w, b, shape, eps)
+    normalize(x, w, b, shape, eps, silu)
 }
 
 #[derive(Clone, Copy)]
 struct Norm {
     shape: NormShape,
     eps: f64,
+    /// SiLU applied to the normalised output.
+    silu: bool,
 }
 
 impl CustomOp3 for Norm {
@@ -543,9 +685,8 @@ impl CustomOp3 for Norm {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (shape, eps) = (self.shape, self.eps);
         let out = dispatch!(self.name(), [(xs, xl), (ws, wl), (bs, bl)], |x, w, b| {
-            norm_fwd(x, w, b, shape, Real::from_f64(eps))
+            norm_fwd(x, w, b, *self)
         });
         Ok((out, xl.shape().clone()))
     }
@@ -558,7 +699,8 @@ impl CustomOp3 for Norm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormGrad(*self))?;
+        let wb = Tensor::cat(&[w.detach(), b.detach()], 0)?;
+        let all = x.apply_op3_no_bwd(&wb, &grad.contiguous()?, &NormGrad(*self))?;
         let (n, p) = (x.elem_count(), w.elem_count());
         let part =
             |t: &Tensor, start: usize, len: usize| all.narrow(0, start, len)?.reshape(t.shape());
@@ -584,7 +726,7 @@ pub(crate) fn tracked(t: &Tensor, grad: impl FnOnce() -> Result<Tensor>) -> Resu
     }
 }
 
-/// The backward of [`Norm`]: `[dx | dw | db]` from `x`, `w` and the output gradient.
+/// The backward of [`Norm`]: `[dx | dw | db]` from `x`, `[w | b]` and the output gradient.
 struct NormGrad(Norm);
 
 impl CustomOp3 for NormGrad {
@@ -601,10 +743,9 @@ impl CustomOp3 for NormGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Norm { shape, eps } = self.0;
-        let len = xl.shape().elem_count() + 2 * wl.shape().elem_count();
-        let out = dispatch!(self.name(), [(xs, xl), (ws, wl), (gs, gl)], |x, w, g| {
-            norm_bwd(x, w, g, shape, Real::from_f64(eps))
+        let len = xl.shape().elem_count() + wl.shape().elem_count();
+        let out = dispatch!(self.name(), [(xs, xl), (ws, wl), (gs, gl)], |x, wb, g| {
+            norm_bwd(x, wb, g, self.0)
         });
         Ok((out, Shape::from(len)))
     }
@@ -946,11 +1087,23 @@ pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Forward(Silu))
 }
 
+/// candle's formula, so the forward is bitwise candle's `silu`.
+#[inline(always)]
+fn silu_of<T: Real>(x: T) -> T {
+    x / (T::ONE + (-x).exp())
+}
+
+/// `dy d/dx x σ(x) = dy σ(x) (1 + x (1 - σ(x)))`.
+#[inline(always)]
+fn silu_grad_of<T: Real>(x: T, dy: T) -> T {
+    let s = T::ONE / (T::ONE + (-x).exp());
+    dy * s * (T::ONE + x * (T::ONE - s))
+}
+
 fn silu_elems<T: Real>(x: &[T]) -> Vec<T> {
     par_blocks(x.len(), 1, |first, out| {
         for (y, &x) in out.iter_mut().zip(&x[first..]) {
-            // candle's formula, so the forward is bitwise candle's `silu`.
-            *y = x / (T::ONE + (-x).exp());
+            *y = silu_of(x);
         }
     })
 }
@@ -958,9 +1111,7 @@ fn silu_elems<T: Real>(x: &[T]) -> Vec<T> {
 fn silu_grad_elems<T: Real>(x: &[T], dy: &[T]) -> Vec<T> {
     par_blocks(x.len(), 1, |first, out| {
         for ((dx, &x), &dy) in out.iter_mut().zip(&x[first..]).zip(&dy[first..]) {
-            // d/dx x σ(x) = σ(x) (1 + x (1 - σ(x)))
-            let s = T::ONE / (T::ONE + (-x).exp());
-            *dx = dy * s * (T::ONE + x * (T::ONE - s));
+            *dx = silu_grad_of(x, dy);
         }
     })
 }
@@ -1367,13 +1518,50 @@ mod tests {
             let x = rand_tensor(&dims, 10 + i as u64, 2.0)?;
             let w = rand_tensor(&[c], 20 + i as u64, 1.0)?;
             let b = rand_tensor(&[c], 30 + i as u64, 1.0)?;
-            let fused = |v: &[Tensor]| group_norm(&v[0], groups, Some(&v[1]), Some(&v[2]), 1e-5);
-            check(
-                fused,
-                |v| composed_group_norm(&v[0], groups, &v[1], &v[2]),
-                &[x.clone(), w.clone(), b.clone()],
-            )?;
-            f32_close(fused, &[x, w, b])?;
+            for then_silu in [false, true] {
+                let fused = |v: &[Tensor]| {
+                    group_norm(&v[0], groups, (Some(&v[1]), Some(&v[2])), 1e-5, then_silu)
+                };
+                let composed = |v: &[Tensor]| {
+                    let y = composed_group_norm(&v[0], groups, &v[1], &v[2])?;
+                    if then_silu {
+                        y.silu()
+                    } else {
+                        Ok(y)
+                    }
+                };
+                check(fused, composed, &[x.clone(), w.clone(), b.clone()])?;
+                f32_close(fused, &[x.clone(), w.clone(), b.clone()])?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn group_norm_silu_is_bitwise_the_two_nodes() -> Result<()> {
+        // Large enough for the pooled forward; f32, the dtype training runs in.
+        for dims in [[2, 64, 16, 16], [1, 6, 3, 5]] {
+            let c = dims[1];
+            let f32s = |shape: &[usize], seed| rand_tensor(shape, seed, 2.0)?.to_dtype(DType::F32);
+            let x = Var::from_tensor(&f32s(&dims, 80)?)?;
+            let w = Var::from_tensor(&f32s(&[c], 81)?)?;
+            let b = Var::from_tensor(&f32s(&[c], 82)?)?;
+            let dy = f32s(&dims, 83)?;
+            let run = |fused: bool| -> Result<Vec<Vec<f64>>> {
+                let params = (Some(w.as_tensor()), Some(b.as_tensor()));
+                let y = if fused {
+                    group_norm(x.as_tensor(), 2, params, 1e-5, true)?
+                } else {
+                    silu(&group_norm(x.as_tensor(), 2, params, 1e-5, false)?)?
+                };
+                let grads = (&y * &dy)?.sum_all()?.backward()?;
+                let mut all = vec![to_vec(&y)?];
+                for v in [&x, &w, &b] {
+                    all.push(to_vec(grads.get(v.as_tensor()).expect("a gradient"))?);
+                }
+                Ok(all)
+            };
+            assert_eq!(run(true)?, run(false)?, "{dims:?}");
         }
         Ok(())
     }
@@ -1384,7 +1572,7 @@ mod tests {
         // gradient store (the trainer checks that a frozen teacher receives nothing).
         let x = Var::from_tensor(&rand_tensor(&[2, 4, 3], 40, 1.0)?)?;
         let (w, b) = (rand_tensor(&[4], 41, 1.0)?, rand_tensor(&[4], 42, 1.0)?);
-        let y = group_norm(x.as_tensor(), 2, Some(&w), Some(&b), 1e-5)?;
+        let y = group_norm(x.as_tensor(), 2, (Some(&w), Some(&b)), 1e-5, true)?;
         let y = bias_add(&y, &b, 1)?;
         let y = layer_norm(&y, Some(&rand_tensor(&[3], 43, 1.0)?), None, 1e-5)?;
         let grads = (y * rand_tensor(&[2, 4, 3], 44, 1.0)?)?
@@ -1482,8 +1670,14 @@ mod tests {
         )?;
         let (w, b) = (rand_tensor(&[96], 71, 1.0)?, rand_tensor(&[96], 72, 1.0)?);
         compare(
-            |v| group_norm(&v[0], 8, Some(&v[1]), Some(&v[2]), 1e-5),
+            |v| group_norm(&v[0], 8, (Some(&v[1]), Some(&v[2])), 1e-5, false),
             |v| composed_group_norm(&v[0], 8, &v[1], &v[2]),
+            &[x.clone(), w.clone(), b.clone()],
+            1e-10,
+        )?;
+        compare(
+            |v| group_norm(&v[0], 8, (Some(&v[1]), Some(&v[2])), 1e-5, true),
+            |v| composed_group_norm(&v[0], 8, &v[1], &v[2])?.silu(),
             &[x.clone(), w.clone(), b.clone()],
             1e-10,
         )?;

@@ -155,6 +155,29 @@ pub fn group_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    group_norm_then(x, groups, (weight, bias), eps, false)
+}
+
+/// `silu(group_norm(..))` as one autograd node on the CPU: the ResNet blocks' pattern. Its
+/// backward recomputes the normalised values, and saves a node and two passes over the
+/// activation; the results are bitwise those of the two calls.
+pub fn group_norm_silu(
+    x: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    group_norm_then(x, groups, (weight, bias), eps, true)
+}
+
+fn group_norm_then(
+    x: &Tensor,
+    groups: usize,
+    (weight, bias): (Option<&Tensor>, Option<&Tensor>),
+    eps: f64,
+    then_silu: bool,
+) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!("group_norm: {groups} groups do not divide the channels of {dims:?}")
@@ -164,8 +187,8 @@ pub fn group_norm(
     let x = x.to_dtype(cdt)?;
     let (weight, bias) = (cast(weight, cdt)?, cast(bias, cdt)?);
     if crate::fused::applies(&x) {
-        return crate::fused::group_norm(&x, groups, weight.as_ref(), bias.as_ref(), eps)?
-            .to_dtype(dtype);
+        let params = (weight.as_ref(), bias.as_ref());
+        return crate::fused::group_norm(&x, groups, params, eps, then_silu)?.to_dtype(dtype);
     }
     // Each (sample, group) block is one row of a layer norm without affine parameters.
     let mut y = layer_norm(&x.reshape((dims[0], groups, ()))?, None, None, eps)?;
@@ -178,6 +201,9 @@ pub fn group_norm(
     }
     if let Some(b) = bias {
         y = y.broadcast_add(&b.reshape(per_channel.as_slice())?)?;
+    }
+    if then_silu {
+        y = silu(&y)?;
     }
     y.to_dtype(dtype)
 }
@@ -228,15 +254,18 @@ pub struct GroupNorm {
     pub eps: f64,
 }
 
+impl GroupNorm {
+    /// `silu(self.forward(xs))` as one node (see [`group_norm_silu`]).
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        let params = (self.weight.as_ref(), self.bias.as_ref());
+        group_norm_then(xs, self.groups, params, self.eps, true)
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        group_norm(
-            xs,
-            self.groups,
-            self.weight.as_ref(),
-            self.bias.as_ref(),
-            self.eps,
-        )
+        let params = (self.weight.as_ref(), self.bias.as_ref());
+        group_norm_then(xs, self.groups, params, self.eps, false)
     }
 }
 
