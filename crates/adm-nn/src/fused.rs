@@ -436,29 +436,22 @@ fn dx_coefficients<T: Real>((g_sum, gx_sum): (T, T), inv_n: T, (mean, r): (T, T)
     (-(r * (a - mean * r * bm)), -(r * r * bm))
 }
 
-/// Layer norm: `dw`, `db` sum over every row, in row order.
+/// Layer norm (which has no SiLU variant): `dw`, `db` sum over every row, in row order.
 fn layer_norm_bwd<T: Real>(x: &[T], wb: &[T], dy: &[T], norm: Norm) -> Vec<T> {
     let (shape, eps) = (norm.shape, T::from_f64(norm.eps));
-    let (w, b) = wb.split_at(wb.len() / 2);
+    let w = &wb[..wb.len() / 2];
     let params = w.len();
     let mut out = vec![T::ZERO; x.len() + 2 * params];
     let (dx, rest) = out.split_at_mut(x.len());
     let (dw, db) = rest.split_at_mut(params);
     let n = shape.group_len();
     let inv_n = T::ONE / T::from_usize(n);
-    let mut pre_grad = vec![T::ZERO; if norm.silu { n } else { 0 }];
     for ((xs, gs), dxs) in x
         .chunks_exact(n)
         .zip(dy.chunks_exact(n))
         .zip(dx.chunks_exact_mut(n))
     {
         let (mean, r) = moments(xs, eps);
-        let gs = if norm.silu {
-            silu_grad_at_norm(&mut pre_grad, (xs, gs), (w, b), (mean, r), shape, 0);
-            &pre_grad
-        } else {
-            gs
-        };
         let (mut g_sum, mut gx_sum) = (T::ZERO, T::ZERO);
         for ((&v, &g), (&w, (dw, db))) in xs
             .iter()
@@ -547,8 +540,9 @@ fn group_norm_bwd<T: Real>(x: &[T], wb: &[T], dy: &[T], norm: Norm) -> Vec<T> {
     out
 }
 
-/// For a block of the input `xs` and its output gradient `gs` under SiLU: the gradient at the
-/// normalised output `h` (before SiLU), recomputed exactly as the forward computes it.
+/// For a group-norm block of the input `xs` and its output gradient `gs` under SiLU: the
+/// gradient at the normalised output `h` (before SiLU), recomputed exactly as the forward
+/// computes it.
 fn silu_grad_at_norm<T: Real>(
     out: &mut [T],
     (xs, gs): (&[T], &[T]),
@@ -557,20 +551,14 @@ fn silu_grad_at_norm<T: Real>(
     shape: NormShape,
     group: usize,
 ) {
-    if shape.along_last {
-        for (((o, &v), &g), (&w, &b)) in out.iter_mut().zip(xs).zip(gs).zip(w.iter().zip(b)) {
-            *o = silu_grad_of((v - mean) * r * w + b, g);
-        }
-    } else {
-        let planes = out.chunks_exact_mut(shape.spatial);
-        for (((c, xr), gr), or) in runs(xs, shape, group)
-            .zip(gs.chunks_exact(shape.spatial))
-            .zip(planes)
-        {
-            let (scale, shift) = (r * w[c], b[c] - mean * r * w[c]);
-            for ((o, &v), &g) in or.iter_mut().zip(xr).zip(gr) {
-                *o = silu_grad_of(v * scale + shift, g);
-            }
+    let planes = out.chunks_exact_mut(shape.spatial);
+    for (((c, xr), gr), or) in runs(xs, shape, group)
+        .zip(gs.chunks_exact(shape.spatial))
+        .zip(planes)
+    {
+        let (scale, shift) = (r * w[c], b[c] - mean * r * w[c]);
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(gr) {
+            *o = silu_grad_of(v * scale + shift, g);
         }
     }
 }
@@ -667,7 +655,7 @@ fn affine_norm(
 struct Norm {
     shape: NormShape,
     eps: f64,
-    /// SiLU applied to the normalised output.
+    /// SiLU applied to the normalised output (group norm only: `layer_norm` passes false).
     silu: bool,
 }
 
