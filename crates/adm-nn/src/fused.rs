@@ -28,6 +28,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use std::mem::MaybeUninit;
 
 use crate::matmul::{gemm_batched, View};
 
@@ -196,12 +197,35 @@ fn par_blocks_with_side<T: Real>(
     side: Side,
     f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
 ) -> (Vec<T>, Vec<T>) {
+    let zeroed = |first: usize, part: &mut [MaybeUninit<T>], side_part: &mut [T]| {
+        part.fill(MaybeUninit::new(T::ZERO));
+        // SAFETY: every element was just written.
+        let part = unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) };
+        f(first, part, side_part)
+    };
+    // SAFETY: `zeroed` writes all of each part.
+    unsafe { par_blocks_uninit(len, block, min_blocks, side, zeroed) }
+}
+
+/// The work split of [`par_blocks_with_side`], with each part handed over uninitialised: for
+/// kernels that write every element anyway, a zero-fill first would double their writes.
+///
+/// # Safety
+/// `f` must write every element of each `part` it is given.
+unsafe fn par_blocks_uninit<T: Real>(
+    len: usize,
+    block: usize,
+    min_blocks: usize,
+    side: Side,
+    f: impl Fn(usize, &mut [MaybeUninit<T>], &mut [T]) + Sync,
+) -> (Vec<T>, Vec<T>) {
     let blocks = len / block.max(1);
     let mut sides = vec![T::ZERO; blocks * side.per_block];
     let mut out: Vec<T> = Vec::with_capacity(len + side.spare);
     if len < PAR_MIN || blocks < 2 || blocks * block != len {
-        out.resize(len, T::ZERO);
-        f(0, &mut out, &mut sides);
+        f(0, &mut out.spare_capacity_mut()[..len], &mut sides);
+        // SAFETY: `f` wrote all `len` elements (the caller's promise).
+        unsafe { out.set_len(len) };
         return (out, sides);
     }
     let per_unit = PAR_UNIT.div_ceil(block).max(min_blocks);
@@ -210,23 +234,20 @@ fn par_blocks_with_side<T: Real>(
         for unit in units {
             let first = unit * per_unit;
             let count = blocks.min(first + per_unit) - first;
-            let n = count * block;
             // SAFETY: units cover disjoint ranges of blocks inside both allocations, which
-            // outlive the pool call; each range of `out` is initialised (all-zero bytes are
-            // 0.0 in f32 and f64) before it is borrowed, `sides` was made zeroed.
+            // outlive the pool call.
             let (part, side_part) = unsafe {
-                let start = (ptr as *mut T).add(first * block);
-                std::ptr::write_bytes(start, 0, n);
+                let start = (ptr as *mut MaybeUninit<T>).add(first * block);
                 let side_start = (side_ptr as *mut T).add(first * side.per_block);
                 (
-                    std::slice::from_raw_parts_mut(start, n),
+                    std::slice::from_raw_parts_mut(start, count * block),
                     std::slice::from_raw_parts_mut(side_start, count * side.per_block),
                 )
             };
             f(first, part, side_part);
         }
     });
-    // SAFETY: the units covered all `blocks` blocks, `blocks * block == len` elements.
+    // SAFETY: the units covered all `blocks * block == len` elements, and `f` wrote them.
     unsafe { out.set_len(len) };
     (out, sides)
 }
@@ -804,6 +825,20 @@ type Range2 = std::ops::Range<usize>;
 fn im2col_planes<T: Real>(x: &[T], (b, c): (usize, usize), win: Windows) -> Vec<T> {
     let (ho, wo) = win.out_size();
     let (k, l, plane) = (win.kh * win.kw, ho * wo, win.h * win.w);
+    if win.stride == 1 && (ho, wo) == (win.h, win.w) {
+        let planes = |first: usize, out: &mut [MaybeUninit<T>], _: &mut [T]| {
+            let x = &x[first * plane..];
+            for (src, dst) in x.chunks_exact(plane).zip(out.chunks_exact_mut(k * l)) {
+                shifted_copies(src, dst, win);
+            }
+        };
+        let no_side = Side {
+            per_block: 0,
+            spare: 0,
+        };
+        // SAFETY: `shifted_copies` writes every element of its channel's block.
+        return unsafe { par_blocks_uninit(b * c * k * l, k * l, 1, no_side, planes) }.0;
+    }
     par_blocks(b * c * k * l, k * l, |first, out| {
         let x = &x[first * plane..];
         for (src, dst) in x.chunks_exact(plane).zip(out.chunks_exact_mut(k * l)) {
@@ -820,6 +855,39 @@ fn im2col_planes<T: Real>(x: &[T], (b, c): (usize, usize), win: Windows) -> Vec<
             });
         }
     })
+}
+
+/// [`im2col_planes`] of one channel for a stride-1 window whose output is the input's size
+/// ("same" padding, the 3x3 convolutions), writing every element of `dst`: kernel offset
+/// `(dy, dx)` reads the plane shifted by `dy W + dx` elements, so each offset is one copy of
+/// the rows it reads (not one per row), then zeros over the rows outside the input and the
+/// columns that wrapped around from the neighbouring row.
+fn shifted_copies<T: Real>(src: &[T], dst: &mut [MaybeUninit<T>], win: Windows) {
+    let (h, w, p) = (win.h, win.w, win.padding);
+    let plane = h * w;
+    let zero = |s: &mut [MaybeUninit<T>]| s.fill(MaybeUninit::new(T::ZERO));
+    for (k, out) in dst.chunks_exact_mut(plane).enumerate() {
+        let (ki, kj) = (k / win.kw, k % win.kw);
+        let shift = (ki * w + kj) as isize - (p * w + p) as isize;
+        // Output rows whose input row lies inside the plane, as a range of elements, less
+        // an element that would be read before the plane's start or past its end (such an
+        // element lies in a zeroed column).
+        let rows = win.valid(ki, h, h);
+        let (lo, hi) = (rows.start * w, rows.end * w);
+        let start = lo.max((-shift).max(0) as usize).min(hi);
+        let end = hi.min((plane as isize - shift).max(0) as usize).max(start);
+        zero(&mut out[..start]);
+        let from = (start as isize + shift) as usize;
+        for (o, &v) in out[start..end].iter_mut().zip(&src[from..]) {
+            o.write(v);
+        }
+        zero(&mut out[end..]);
+        let cols = win.valid(kj, w, w);
+        for row in out[lo..hi].chunks_exact_mut(w) {
+            zero(&mut row[..cols.start]);
+            zero(&mut row[cols.end..]);
+        }
+    }
 }
 
 /// The adjoint of [`im2col_planes`]: (B, C kh kw, Ho Wo) -> (B, C, H, W), summing the windows.
@@ -1725,6 +1793,51 @@ mod tests {
                 &to_vec(&t.sum(0)?)?,
                 1e-12,
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn im2col_matches_its_definition() -> Result<()> {
+        // Same-size stride-1 windows take whole-plane shifted copies into unzeroed memory;
+        // the others go row by row. Both against the definition, element by element.
+        let cases = [
+            (2, 3, 5, 6, 3, 1, 1),
+            (1, 2, 6, 7, 5, 2, 1),
+            (1, 2, 4, 4, 1, 0, 1),
+            (1, 1, 2, 2, 3, 1, 1),
+            (2, 3, 7, 4, 3, 0, 2),
+            (2, 3, 6, 7, 4, 2, 3),
+            (2, 8, 32, 32, 3, 1, 1),
+        ];
+        for (i, &(b, c, h, w, k, padding, stride)) in cases.iter().enumerate() {
+            let win = Windows {
+                kh: k,
+                kw: k,
+                padding,
+                stride,
+                h,
+                w,
+            };
+            let x = rand_tensor(&[b, c, h, w], 80 + i as u64, 1.0)?;
+            let xs = to_vec(&x)?;
+            let (ho, wo) = win.out_size();
+            let mut want = Vec::with_capacity(b * c * k * k * ho * wo);
+            for bc in 0..b * c {
+                for (ki, kj) in (0..k).flat_map(|ki| (0..k).map(move |kj| (ki, kj))) {
+                    for (oy, ox) in (0..ho).flat_map(|oy| (0..wo).map(move |ox| (oy, ox))) {
+                        let iy = (oy * stride + ki) as isize - padding as isize;
+                        let ix = (ox * stride + kj) as isize - padding as isize;
+                        let inside = (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
+                        want.push(if inside {
+                            xs[bc * h * w + iy as usize * w + ix as usize]
+                        } else {
+                            0.0
+                        });
+                    }
+                }
+            }
+            assert_eq!(to_vec(&unfold(&x, win)?)?, want, "case {i}");
         }
         Ok(())
     }
