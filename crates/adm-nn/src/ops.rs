@@ -158,19 +158,6 @@ pub fn group_norm(
     group_norm_then(x, groups, (weight, bias), eps, false)
 }
 
-/// `silu(group_norm(..))` as one autograd node on the CPU: the ResNet blocks' pattern. Its
-/// backward recomputes the normalised values, and saves a node and two passes over the
-/// activation; the results are bitwise those of the two calls.
-pub fn group_norm_silu(
-    x: &Tensor,
-    groups: usize,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    eps: f64,
-) -> Result<Tensor> {
-    group_norm_then(x, groups, (weight, bias), eps, true)
-}
-
 fn group_norm_then(
     x: &Tensor,
     groups: usize,
@@ -255,7 +242,9 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    /// `silu(self.forward(xs))` as one node (see [`group_norm_silu`]).
+    /// `silu(self.forward(xs))` as one autograd node on the CPU: the ResNet blocks' pattern.
+    /// Its backward recomputes the normalised values, and saves a node and two passes over
+    /// the activation; the results are bitwise those of the two calls.
     pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
         let params = (self.weight.as_ref(), self.bias.as_ref());
         group_norm_then(xs, self.groups, params, self.eps, true)

@@ -7,8 +7,10 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use adm_nn::ops::{group_norm, group_norm_silu, layer_norm};
-use adm_nn::{bias_add, conv2d, geglu, matmul, multi_head_attention, silu, softmax, Conv2dConfig};
+use adm_nn::ops::{group_norm, layer_norm};
+use adm_nn::{
+    bias_add, conv2d, geglu, matmul, multi_head_attention, silu, softmax, Conv2dConfig, GroupNorm,
+};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 const PROBE_OUT: &str = "ADM_THREAD_COUNT_PROBE_OUT";
@@ -38,7 +40,13 @@ fn probe() -> Result<Vec<u8>> {
     };
     let h = bias_add(&conv2d(x.as_tensor(), kernel.as_tensor(), cfg)?, &bias, 1)?;
     let h = group_norm(&h, 8, Some(&gamma), Some(&beta), 1e-5)?;
-    let h = (&h + group_norm_silu(&h, 4, Some(&gamma), Some(&beta), 1e-5)?)?;
+    let norm_silu = GroupNorm {
+        weight: Some(gamma.as_tensor().clone()),
+        bias: Some(beta.as_tensor().clone()),
+        groups: 4,
+        eps: 1e-5,
+    };
+    let h = (&h + norm_silu.forward_silu(&h)?)?;
     // (B, 576, 128) tokens through attention-like products, softmax, multi-head attention,
     // SiLU, GEGLU, layer norm.
     let t = h.reshape((2, 576, 128))?;
