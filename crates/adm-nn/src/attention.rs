@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
 
-use crate::fused::{par_blocks, slice, softmax_grad_rows, softmax_rows, Real, Slice};
+use crate::fused::{par_blocks, slice, softmax_grad_rows, softmax_rows, tracked, Real, Slice};
 use crate::matmul::{gemm_batched, gemm_batched_scaled, View};
 
 /// `softmax(q kᵀ · scale + mask) v` for `q` (B, H, Lq, D), `k` (B, H, Lk, D), `v` (B, H, Lk, Dv);
@@ -309,8 +309,13 @@ impl CustomOp3 for MultiHeadAttention {
             }
             _ => candle_core::bail!("{name}: operands of different dtypes"),
         };
-        let keep = |t: &Tensor, g: Tensor| t.track_op().then_some(g);
-        Ok((keep(q, dq), keep(k, dk), keep(v, dv)))
+        // Through `tracked`, like every op here: constants get none, and Vars' gradients go
+        // to `crate::backward`'s store when it is open.
+        Ok((
+            tracked(q, || Ok(dq))?,
+            tracked(k, || Ok(dk))?,
+            tracked(v, || Ok(dv))?,
+        ))
     }
 }
 

@@ -77,34 +77,51 @@ pub(crate) fn hand_over(arg: &Tensor, grad: Tensor) -> Result<Option<Tensor>> {
 mod tests {
     use super::*;
     use crate::test_util::{rand_tensor, to_vec};
-    use crate::{conv2d, matmul_t, silu, Conv2dConfig};
+    use crate::{conv2d, matmul_t, multi_head_attention, silu, Conv2dConfig, GroupNorm};
     use candle_core::Var;
 
-    /// A graph where Vars reach the loss through this crate's ops, through candle's ops, and
-    /// through both, some of them twice.
-    fn loss(w: &Var, b: &Var, k: &Var, x: &Tensor) -> Result<Tensor> {
+    /// A graph where Vars reach the loss through this crate's ops (products, SiLU, a
+    /// convolution, attention, group norm), through candle's ops, and through both, some of
+    /// them twice. `vars`: w (4, 4), b (4), k (1, 1, 3, 3), memory (1, 4, 4), gamma and
+    /// beta (2).
+    fn loss(vars: &[Var], x: &Tensor) -> Result<Tensor> {
+        let [w, b, k, memory, gamma, beta] = vars else {
+            candle_core::bail!("six Vars")
+        };
         let h = silu(&matmul_t(x, w.as_tensor())?)?;
         // w a second time through this crate's op, and once through candle's.
         let h = (matmul_t(&h, w.as_tensor())? + h.matmul(w.as_tensor())?)?;
         let h = h.broadcast_add(b.as_tensor())?;
-        let img = h.reshape((1, 1, 4, 4))?;
+        let m = memory.as_tensor();
+        let h = multi_head_attention(&h.reshape((1, 4, 4))?, m, m, 2, None)?;
+        let img = h.reshape((1, 2, 2, 4))?;
+        let norm = GroupNorm {
+            weight: Some(gamma.as_tensor().clone()),
+            bias: Some(beta.as_tensor().clone()),
+            groups: 1,
+            eps: 1e-5,
+        };
+        let img = norm.forward_silu(&img)?;
         let cfg = Conv2dConfig {
             padding: 1,
             stride: 1,
         };
-        let y = conv2d(&img, k.as_tensor(), cfg)?;
+        let y = conv2d(&img.reshape((2, 1, 2, 4))?, k.as_tensor(), cfg)?;
         (y.sqr()?.sum_all()? + b.sqr()?.sum_all()?)? + x.sum_all()?
     }
 
     #[test]
     fn equals_candle_backward() -> Result<()> {
-        let w = Var::from_tensor(&rand_tensor(&[4, 4], 1, 0.5)?)?;
-        let b = Var::from_tensor(&rand_tensor(&[4], 2, 0.5)?)?;
-        let k = Var::from_tensor(&rand_tensor(&[1, 1, 3, 3], 3, 0.5)?)?;
-        let x = rand_tensor(&[4, 4], 4, 1.0)?;
-        let ours = backward(&loss(&w, &b, &k, &x)?)?;
-        let theirs = loss(&w, &b, &k, &x)?.backward()?;
-        for var in [&w, &b, &k] {
+        let shapes: [&[usize]; 6] = [&[4, 4], &[4], &[1, 1, 3, 3], &[1, 4, 4], &[2], &[2]];
+        let vars = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Var::from_tensor(&rand_tensor(s, 1 + i as u64, 0.5)?))
+            .collect::<Result<Vec<_>>>()?;
+        let x = rand_tensor(&[4, 4], 10, 1.0)?;
+        let ours = backward(&loss(&vars, &x)?)?;
+        let theirs = loss(&vars, &x)?.backward()?;
+        for var in &vars {
             let got = to_vec(ours.get(var.as_tensor()).expect("a gradient"))?;
             let want = to_vec(theirs.get(var.as_tensor()).expect("a gradient"))?;
             assert_eq!(got.len(), want.len());
@@ -116,7 +133,7 @@ mod tests {
         assert!(ours.get(&x).is_none() && theirs.get(&x).is_none());
         // The store is closed again: outside a pass, ops return gradients to candle.
         assert!(HANDED_OVER.with(|h| h.borrow().is_none()));
-        assert!(hand_over(w.as_tensor(), x.clone())?.is_some());
+        assert!(hand_over(vars[0].as_tensor(), x.clone())?.is_some());
         Ok(())
     }
 
